@@ -1,0 +1,49 @@
+"""e4t-jax: encoder-based domain tuning (E4T) for Stable Diffusion in JAX/Flax."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("e4t_jax/__init__.py").read_text()).group(1)
+
+INSTALL_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "numpy>=1.26",
+    "pillow>=10",
+    "safetensors>=0.4",
+    "huggingface_hub>=0.24",
+    "transformers>=4.40",  # the CLIP tokenizer only
+    "grain>=0.2.6",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "scikit-image>=0.22",  # ships the demo photos (astronaut, chelsea)
+]
+
+# torch and diffusers are the PyTorch reference: tests and benchmarks only.
+REFERENCE = ["torch==2.13.0", "diffusers>=0.35", "transformers>=5.0"]
+
+setup(
+    name="e4t-jax",
+    version=VERSION,
+    description="Encoder-based domain tuning (E4T) for fast personalization of Stable Diffusion, in JAX/Flax",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["e4t_jax", "e4t_jax.*", "train", "infer"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": REFERENCE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6"],
+        "bench": REFERENCE,
+    },
+    entry_points={
+        "console_scripts": [
+            "e4t-generate=infer.generate:main",
+            "e4t-personalize=infer.personalize:main",
+            "e4t-demo=infer.demo:main",
+            "e4t-pretrain=train.pretrain_encoder:main",
+        ]
+    },
+)
