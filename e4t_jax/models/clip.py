@@ -1,0 +1,410 @@
+"""CLIP text and vision transformers (transformers' ``CLIPTextModel`` / ``CLIPVisionModel``).
+
+Submodule names follow transformers' attribute paths, so :mod:`e4t_jax.weights` maps
+checkpoints one to one: ``embeddings/token_embedding``, ``encoder/layers_3/self_attn/q_proj``,
+``final_layer_norm``, ``pre_layrnorm`` (transformers' spelling), ``post_layernorm``.
+The modules have no ``text_model`` / ``vision_model`` level: the loaders strip that prefix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from e4t_jax import weights
+from e4t_jax.models.attention import dot_product_attention
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation, ``x * sigmoid(1.702 x)``."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# transformers' ACT2FN entries that CLIP checkpoints use ("gelu" is the exact erf form).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def _tower_dict(config: dict, tower: str, wrong_model_type: str) -> dict:
+    """The ``text_config`` / ``vision_config`` part of a full ``CLIPModel`` config, else ``config``."""
+    if config.get("model_type") == wrong_model_type:
+        raise ValueError(f"A {wrong_model_type} config cannot configure the CLIP {tower.split('_')[0]} tower.")
+    if config.get("model_type") == "clip" or tower in config:
+        # CLIPConfig lets the legacy ``*_config_dict`` entries override ``*_config``.
+        return {**(config.get(tower) or {}), **(config.get(tower + "_dict") or {})}
+    return config
+
+
+def _from_dict(cls, config: dict):
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{key: value for key, value in config.items() if key in names})
+
+
+def _check(config) -> None:
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not divisible by "
+                         f"num_attention_heads {config.num_attention_heads}.")
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"Unsupported hidden_act {config.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """transformers ``CLIPTextConfig`` fields that shape the model (defaults are transformers').
+
+    ``eos_token_id`` selects the pooled token: 2 (configs older than transformers PR
+    #24773) pools at the largest input id, anything else at the first ``eos_token_id``.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+    projection_dim: int = 512
+
+    def __post_init__(self):
+        _check(self)
+        if not isinstance(self.eos_token_id, int):
+            raise ValueError(f"eos_token_id must be one integer, got {self.eos_token_id!r}.")
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "CLIPTextConfig":
+        """From a ``config.json`` of ``CLIPTextModel[WithProjection]`` or a full ``CLIPModel``."""
+        return _from_dict(cls, _tower_dict(config, "text_config", "clip_vision_model"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """transformers ``CLIPVisionConfig`` fields that shape the model (defaults are transformers')."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+
+    def __post_init__(self):
+        _check(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "CLIPVisionConfig":
+        """From a ``config.json`` of ``CLIPVisionModel[WithProjection]`` or a full ``CLIPModel``."""
+        return _from_dict(cls, _tower_dict(config, "vision_config", "clip_text_model"))
+
+
+@flax.struct.dataclass
+class CLIPOutput:
+    """Outputs of both towers.
+
+    Attributes:
+      last_hidden_state: ``[B, L, D]``; after ``final_layer_norm`` for text, before
+        ``post_layernorm`` for vision (as in transformers).
+      pooler_output: ``[B, D]``; the end-of-text token (text) or the normalized class
+        token (vision).
+      hidden_states: when requested, ``num_hidden_layers + 1`` arrays ``[B, L, D]``: the
+        encoder input, then each layer's output (the last one before any final norm).
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+def layer_norm(eps: float, dtype, name: str | None) -> nn.LayerNorm:
+    """LayerNorm matching ``torch.nn.LayerNorm`` (two-pass variance)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with ``q_proj``/``k_proj``/``v_proj``/``out_proj``."""
+
+    config: CLIPTextConfig | CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x: ``[B, L, D]``; mask: boolean ``[L, L]`` or None. Returns ``[B, L, D]``."""
+        b, length, dim = x.shape
+        heads = self.config.num_attention_heads
+
+        def project(name):
+            return nn.Dense(dim, dtype=self.dtype, name=name)(x).reshape(b, length, heads, dim // heads)
+
+        out = dot_product_attention(project("q_proj"), project("k_proj"), project("v_proj"), mask=mask)
+        return nn.Dense(dim, dtype=self.dtype, name="out_proj")(out.reshape(b, length, dim))
+
+
+class CLIPMLP(nn.Module):
+    """``fc2(act(fc1(x)))``."""
+
+    config: CLIPTextConfig | CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: ``[B, L, D]`` -> ``[B, L, D]``."""
+        h = nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        h = ACTIVATIONS[self.config.hidden_act](h)
+        return nn.Dense(self.config.hidden_size, dtype=self.dtype, name="fc2")(h)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm transformer layer: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+    config: CLIPTextConfig | CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x: ``[B, L, D]``; mask: boolean ``[L, L]`` or None. Returns ``[B, L, D]``."""
+        eps = self.config.layer_norm_eps
+        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(
+            layer_norm(eps, self.dtype, "layer_norm1")(x), mask)
+        return x + CLIPMLP(self.config, self.dtype, name="mlp")(layer_norm(eps, self.dtype, "layer_norm2")(x))
+
+
+class CLIPEncoder(nn.Module):
+    """``num_hidden_layers`` encoder layers named ``layers_i``."""
+
+    config: CLIPTextConfig | CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
+        """x: ``[B, L, D]``. Returns the input and every layer's output, each ``[B, L, D]``."""
+        states = [x]
+        for i in range(self.config.num_hidden_layers):
+            states.append(CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(states[-1], mask))
+        return tuple(states)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """``token_embedding`` and learned ``position_embedding``."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.token_embedding = nn.Embed(self.config.vocab_size, self.config.hidden_size, dtype=self.dtype)
+        self.position_embedding = nn.Embed(
+            self.config.max_position_embeddings, self.config.hidden_size, dtype=self.dtype)
+
+    def __call__(self, input_ids: jax.Array, inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """input_ids: ``[B, L]`` int; inputs_embeds: ``[B, L, D]`` replaces the token lookup."""
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)
+        positions = self.position_embedding(jnp.arange(input_ids.shape[-1]))
+        return inputs_embeds.astype(self.dtype) + positions[None]
+
+
+class CLIPTextTransformer(nn.Module):
+    """transformers ``CLIPTextModel`` (the ``text_model`` of a ``CLIPModel``).
+
+    Attributes:
+      config: the text tower's configuration.
+      dtype: compute dtype (params stay as loaded, float32 by default).
+    """
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embeddings = CLIPTextEmbeddings(self.config, self.dtype)
+        self.encoder = CLIPEncoder(self.config, self.dtype)
+        self.final_layer_norm = layer_norm(self.config.layer_norm_eps, self.dtype, None)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids: ``[B, L]`` int -> token embeddings ``[B, L, D]`` in ``dtype`` (no positions).
+
+        Call with ``module.apply(variables, ids, method=module.embed_tokens)``, edit the
+        result (e.g. put a learned word embedding at the placeholder), and pass it back
+        as ``inputs_embeds``.
+        """
+        return self.embeddings.token_embedding(input_ids)
+
+    def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False,
+                 inputs_embeds: jax.Array | None = None) -> CLIPOutput:
+        """Encodes token ids.
+
+        Args:
+          input_ids: ``[B, L]`` int32, ``L <= max_position_embeddings``; also locates the
+            pooled end-of-text token when ``inputs_embeds`` is given.
+          output_hidden_states: also return the embeddings and every layer's output.
+          inputs_embeds: optional ``[B, L, D]`` used instead of the token lookup.
+
+        Returns:
+          :class:`CLIPOutput` in ``dtype``.
+        """
+        length = input_ids.shape[-1]
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"Sequence length {length} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}.")
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        states = self.encoder(self.embeddings(input_ids, inputs_embeds), causal)
+        last = self.final_layer_norm(states[-1])
+        if self.config.eos_token_id == 2:  # legacy configs: the end-of-text id is the largest
+            eos_position = jnp.argmax(input_ids, axis=-1)
+        else:
+            eos_position = jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
+        pooled = last[jnp.arange(last.shape[0]), eos_position]
+        return CLIPOutput(last, pooled, states if output_hidden_states else None)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Patch convolution (no bias), ``class_embedding`` and learned ``position_embedding``."""
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values: ``[B, S, S, C]`` -> ``[B, 1 + (S / patch)^2, D]``."""
+        cfg = self.config
+        patch = cfg.patch_size
+        patches = nn.Conv(cfg.hidden_size, (patch, patch), strides=patch, padding="VALID", use_bias=False,
+                          dtype=self.dtype, name="patch_embedding")(pixel_values.astype(self.dtype))
+        b = patches.shape[0]
+        patches = patches.reshape(b, -1, cfg.hidden_size)
+        class_embedding = self.param("class_embedding", nn.initializers.normal(cfg.hidden_size ** -0.5),
+                                     (cfg.hidden_size,))
+        class_tokens = jnp.broadcast_to(class_embedding.astype(self.dtype), (b, 1, cfg.hidden_size))
+        tokens = jnp.concatenate([class_tokens, patches], axis=1)
+        positions = nn.Embed(tokens.shape[1], cfg.hidden_size, dtype=self.dtype, name="position_embedding")
+        return tokens + positions(jnp.arange(tokens.shape[1]))[None]
+
+
+class CLIPVisionTransformer(nn.Module):
+    """transformers ``CLIPVisionModel`` (the ``vision_model`` of a ``CLIPModel``).
+
+    Attributes:
+      config: the vision tower's configuration.
+      dtype: compute dtype (params stay as loaded, float32 by default).
+    """
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, output_hidden_states: bool = False) -> CLIPOutput:
+        """Encodes images.
+
+        Args:
+          pixel_values: ``[B, image_size, image_size, num_channels]``, normalized with
+            the CLIP mean/std (see :func:`preprocess_images`).
+          output_hidden_states: also return the encoder input and every layer's output
+            (the class token of layer ``i`` is ``hidden_states[i][:, 0]``).
+
+        Returns:
+          :class:`CLIPOutput` in ``dtype``.
+        """
+        cfg = self.config
+        expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
+        if tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must be [B, {', '.join(map(str, expected))}], got {pixel_values.shape}.")
+        x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
+        x = layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
+        states = CLIPEncoder(cfg, self.dtype, name="encoder")(x)
+        pooled = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(states[-1][:, 0])
+        return CLIPOutput(states[-1], pooled, states if output_hidden_states else None)
+
+
+def preprocess_images(images: jax.Array, size: int = 224) -> jax.Array:
+    """CLIPImageProcessor's resize, center crop and normalization, in JAX.
+
+    Resizes the shortest side to ``size`` (antialiased bicubic, Keys a=-0.5 as in
+    PIL), center-crops ``size x size``, clips to ``[0, 1]`` (PIL rounds to uint8
+    there) and normalizes with the CLIP mean/std. Close to, not bit-equal with,
+    transformers' PIL path: it differs by the uint8 rounding and by PIL's kernel
+    edge handling, a few 1/255 steps on natural images.
+
+    Args:
+      images: ``[B, H, W, 3]``, uint8 in ``[0, 255]`` or float in ``[0, 1]``.
+      size: output side (the vision config's ``image_size``).
+
+    Returns:
+      float32 ``[B, size, size, 3]``.
+    """
+    images = jnp.asarray(images)
+    images = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images.astype(jnp.float32)
+    b, h, w, c = images.shape
+    long_side = int(size * max(h, w) / min(h, w))
+    new_h, new_w = (size, long_side) if h <= w else (long_side, size)
+    images = jax.image.resize(images, (b, new_h, new_w, c), method="bicubic", antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    images = jnp.clip(images[:, top:top + size, left:left + size], 0.0, 1.0)
+    return (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+# ----------------------------------------------------------------------------- loading
+
+# Keys a CLIP checkpoint may carry that neither tower uses.
+_IGNORED = (r"(^|\.)position_ids$", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$")
+
+
+def _prefix(state: dict, prefix: str) -> str:
+    return prefix if any(key.startswith(prefix) for key in state) else ""
+
+
+def load_clip_text(folder: str | os.PathLike, dtype: Any = jnp.float32,
+                   param_dtype: Any = jnp.float32) -> tuple[CLIPTextTransformer, dict]:
+    """Loads a ``CLIPTextModel[WithProjection]`` or full ``CLIPModel`` folder's text tower.
+
+    Keys with or without the ``text_model.`` prefix are accepted (transformers 5 writes
+    ``CLIPTextModel`` without it); projections and ``position_ids`` are ignored.
+
+    Returns:
+      ``(module, params)``: the module computes in ``dtype``; params are ``param_dtype``.
+    """
+    config = CLIPTextConfig.from_dict(weights.read_config(folder))
+    module = CLIPTextTransformer(config, dtype=dtype)
+    ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
+    state = weights.load_state_dict(folder)
+    params = weights.state_dict_to_params(
+        state, abstract, dtype=param_dtype, prefix=_prefix(state, "text_model."),
+        ignore=_IGNORED + (r"^vision_model\.",), what="CLIP text encoder")
+    return module, params
+
+
+def load_clip_vision(folder: str | os.PathLike, dtype: Any = jnp.float32,
+                     param_dtype: Any = jnp.float32) -> tuple[CLIPVisionTransformer, dict]:
+    """Loads a ``CLIPVisionModel[WithProjection]`` or full ``CLIPModel`` folder's vision tower.
+
+    Keys with or without the ``vision_model.`` prefix are accepted; the text tower,
+    projections, ``logit_scale`` and ``position_ids`` are ignored.
+
+    Returns:
+      ``(module, params)``: the module computes in ``dtype``; params are ``param_dtype``.
+    """
+    config = CLIPVisionConfig.from_dict(weights.read_config(folder))
+    module = CLIPVisionTransformer(config, dtype=dtype)
+    pixels = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), pixels)["params"]
+    state = weights.load_state_dict(folder)
+    params = weights.state_dict_to_params(
+        state, abstract, dtype=param_dtype, prefix=_prefix(state, "vision_model."),
+        ignore=_IGNORED + (r"^text_model\.",), what="CLIP vision encoder")
+    return module, params
