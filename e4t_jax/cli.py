@@ -73,6 +73,7 @@ def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[li
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.captureWarnings(True)
         try:
             return main(argv) or 0
         except KeyboardInterrupt:

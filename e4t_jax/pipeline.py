@@ -125,13 +125,15 @@ class Generator:
     def __init__(self, model: StableDiffusion):
         self.model = model
         self.traces = 0  # how many times a sampling program was traced (compiled)
-        self._programs: dict[tuple, Callable] = {}
+        self._compiled: dict[tuple, Any] = {}
 
-    def _program(self, sampler_name: str, num_steps: int, concept_kinds: tuple[str | None, ...]) -> Callable:
-        key = (sampler_name, num_steps, concept_kinds)
-        if key not in self._programs:
-            self._programs[key] = jax.jit(self._build(sampler_name, num_steps, concept_kinds))
-        return self._programs[key]
+    def _executable(self, key: tuple, args: tuple) -> Any:
+        """The compiled program for ``key`` and the shapes of ``args`` (compiled once)."""
+        shapes = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), args)
+        full_key = key + (jax.tree_util.tree_structure(args), tuple(jax.tree_util.tree_leaves(shapes)))
+        if full_key not in self._compiled:
+            self._compiled[full_key] = jax.jit(self._build(*key)).lower(*args).compile()
+        return self._compiled[full_key]
 
     def _build(self, sampler_name: str, num_steps: int, concept_kinds: tuple[str | None, ...]) -> Callable:
         model = self.model
@@ -169,11 +171,11 @@ class Generator:
         f = self.model.downsample_factor
         return batch, height // f, width // f, self.model.latent_channels
 
-    def __call__(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, *, seed: int = 0,
+    def _prepare(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, *, seed: int = 0,
                  latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
                  num_steps: int = 25, guidance: float = 7.5, sampler: str = "ddim",
-                 concepts: tuple[Concept, ...] = ()) -> np.ndarray:
-        """Samples images.
+                 concepts: tuple[Concept, ...] = ()) -> tuple[Any, tuple]:
+        """Validates and places the inputs; returns the compiled program and its arguments.
 
         Args:
           params: ``{"unet", "vae", "text"}``.
@@ -186,9 +188,6 @@ class Generator:
           num_steps, guidance, sampler: denoising steps, classifier-free guidance scale,
             ``ddim`` / ``euler`` / ``dpmpp``.
           concepts: personalized concepts whose placeholders appear in the prompts.
-
-        Returns:
-          ``[B, H, W, 3]`` float32 images in [0, 1].
         """
         if sampler not in SAMPLER_ALIASES:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(set(SAMPLER_ALIASES) - {'dpm++2m'})}")
@@ -206,15 +205,28 @@ class Generator:
             raise ValueError(f"initial latents have shape {tuple(latents.shape)}; expected "
                              f"{self.latent_shape(batch, height, width)} ([B, h, w, C])")
         kinds = tuple(None if c.offsets is None else c.offset_kind for c in concepts)
-        concept_arrays = tuple({"token_id": jnp.int32(c.token_id), "embedding": jnp.asarray(c.embedding),
+        concept_arrays = tuple({"token_id": jnp.int32(c.token_id), "embedding": jnp.asarray(c.embedding, jnp.float32),
                                 **({"offsets": c.offsets} if c.offsets is not None else {})} for c in concepts)
         mesh = _mesh()
         data = NamedSharding(mesh, PartitionSpec("data") if batch % mesh.size == 0 else PartitionSpec())
         cond_ids, uncond_ids, latents = jax.device_put((jnp.asarray(cond_ids, jnp.int32),
                                                         jnp.asarray(uncond_ids, jnp.int32),
                                                         jnp.asarray(latents, jnp.float32)), data)
-        program = self._program(SAMPLER_ALIASES[sampler], num_steps, kinds)
-        images = program(params, cond_ids, uncond_ids, latents, jnp.float32(guidance), concept_arrays)
+        args = (params, cond_ids, uncond_ids, latents, jnp.float32(guidance), concept_arrays)
+        return self._executable((SAMPLER_ALIASES[sampler], num_steps, kinds), args), args
+
+    def compile(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, **kwargs) -> None:
+        """Compiles (without running) the program that ``__call__`` with these arguments runs."""
+        self._prepare(params, cond_ids, uncond_ids, **kwargs)
+
+    def __call__(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, **kwargs) -> np.ndarray:
+        """Samples images; arguments as :meth:`_prepare`.
+
+        Returns:
+          ``[B, H, W, 3]`` float32 images in [0, 1].
+        """
+        program, args = self._prepare(params, cond_ids, uncond_ids, **kwargs)
+        images = program(*args)
         return np.asarray(images)
 
 
