@@ -21,6 +21,7 @@ once under ``~/.cache/e4t_jax/``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import json
 import os
@@ -166,6 +167,27 @@ def preset_dir(preset: str) -> Path:
 
         with atomic_path(folder) as tmp:
             write_model(tmp, preset)
+    return folder
+
+
+def preset_encoder_dir(preset: str = "tiny", domain_word: str = "face") -> Path:
+    """A domain encoder for a preset model, built once under ``~/.cache/e4t_jax``.
+
+    Its head is randomly initialized and its offsets are zero: it is not pre-trained
+    (``e4t-pretrain`` makes a real one), so it demonstrates the mechanics only.
+    """
+    from e4t_jax.cli import atomic_path
+    from e4t_jax.e4t import model as model_lib
+    from e4t_jax.e4t.encoder import EncoderConfig
+
+    folder = CACHE_ROOT / f"{preset}-encoder-{domain_word}-v{__version__}"
+    if not (folder / "config").is_dir():
+        width = 64 if preset == "tiny" else 256
+        e = model_lib.build(preset_dir(preset), domain_word=domain_word,
+                            encoder=EncoderConfig(clip_dim=width, unet_dim=width, hidden_dim=width))
+        e.sd = dataclasses.replace(e.sd, model_id=preset)
+        with atomic_path(folder) as tmp:
+            model_lib.export_encoder(e, tmp, pretrained_steps=0)
     return folder
 
 

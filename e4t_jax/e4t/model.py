@@ -123,3 +123,55 @@ def build(model_id: str | os.PathLike, *, domain_word: str = "face", placeholder
                      vae_scaling=sd.vae.config.scaling_factor)
     return E4T(model, frozen, {"head": head_params, "offsets": offset_params}, tokenizer, sd, domain_word,
                placeholder, vision_id)
+
+
+def encoder_config(e: E4T, **extra: Any) -> dict[str, Any]:
+    """The JSON config stored beside a domain encoder's params."""
+    from e4t_jax import __version__
+    from e4t_jax.e4t.concept import model_identity
+
+    return {"base_model": model_identity(e.sd), "model_id": e.sd.model_id, "clip_vision": e.vision_id,
+            "domain_word": e.domain_word, "placeholder": e.placeholder,
+            "encoder": dataclasses.asdict(e.model.encoder_config),
+            "offsets": dataclasses.asdict(e.model.offsets), "lambda_emb": e.model.lambda_emb,
+            "lambda_w": e.model.lambda_w, "e4t_jax_version": __version__, **extra}
+
+
+def export_encoder(e: E4T, directory: str | os.PathLike, trainable: PyTree | None = None, **extra: Any) -> None:
+    """Writes a domain encoder (head params + offsets + config) that :func:`load_pretrained` reads."""
+    from e4t_jax.training.checkpoint import export_encoder as write
+
+    trainable = trainable or e.trainable
+    write(directory, encoder_params=jax.device_get(trainable["head"]), offsets=jax.device_get(trainable["offsets"]),
+          config=encoder_config(e, **extra), overwrite=True)
+
+
+def load_pretrained(model_id: str | os.PathLike, encoder_dir: str | os.PathLike, *,
+                    clip_vision: str | os.PathLike | None = None, placeholder: str | None = None,
+                    dtype: Any = jnp.float32, remat: bool = False) -> E4T:
+    """Builds E4T for ``model_id`` with a pre-trained domain encoder from ``encoder_dir``.
+
+    Raises:
+      FileNotFoundError: ``encoder_dir`` is not an exported encoder.
+      ValueError: the encoder was pre-trained for another base model.
+    """
+    from e4t_jax.e4t.concept import model_identity
+    from e4t_jax.training.checkpoint import load_encoder
+
+    head, offset_params, config = load_encoder(encoder_dir, expected=None)
+    encoder = EncoderConfig.from_dict(config["encoder"])
+    offsets = offsets_lib.OffsetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in config["offsets"].items()})
+    vision = clip_vision if clip_vision is not None else (
+        None if config.get("clip_vision") == "image_encoder" else config.get("clip_vision"))
+    e = build(model_id, domain_word=config["domain_word"], placeholder=placeholder or config["placeholder"],
+              clip_vision=vision, encoder=encoder, offsets=offsets, lambda_emb=config.get("lambda_emb", 0.01),
+              lambda_w=config.get("lambda_w", 1e-4), dtype=dtype, remat=remat)
+    identity = model_identity(e.sd)
+    if config["base_model"] != identity:
+        raise ValueError(
+            f"encoder {encoder_dir} was pre-trained for another base model ({config.get('model_id')}: text width "
+            f"{config['base_model'].get('text_width')}); this model ({e.sd.model_id}) has text width "
+            f"{identity['text_width']}. Use the base model it was trained with, or pre-train an encoder for this one.")
+    e.trainable = {"head": head, "offsets": offset_params}
+    return e

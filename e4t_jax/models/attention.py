@@ -1,12 +1,37 @@
 """One attention function behind every module, so faster kernels can be swapped in.
 
 All implementations take and return ``[B, L, H, D]`` arrays (batch, tokens, heads,
-head dim) and compute ``softmax(q k^T * scale + bias) v``.
+head dim) and compute ``softmax(q k^T * scale) v``. :func:`dot_product_attention`
+picks one per call (at trace time):
+
+- GPU, float16/bfloat16, no mask: cuDNN's fused attention
+  (``jax.nn.dot_product_attention(implementation="cudnn")``), when cuDNN accepts the
+  shapes;
+- no mask and at least ``FLASH_MIN_SCORES`` query-key pairs per head (the U-Net's
+  self- and cross-attention at 16x16 latents and up): :func:`flash_attention`, whose
+  hand-written backward keeps only the output and the log-sum-exp of each query
+  instead of the ``[B, H, Lq, Lk]`` probabilities;
+- otherwise (masks, e.g. CLIP's causal mask; short sequences):
+  :func:`einsum_attention`, which XLA differentiates by itself.
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+# Below this many scores per head (Lq * Lk) the plain einsum is as fast on CPU
+# (measured: bench/RESULTS.md).
+FLASH_MIN_SCORES = 1 << 14
+# Score elements per loop step of flash_attention. On CPU, 2**20 (4 MiB of float32)
+# stays in cache: 1024 tokens run one head per step, 4096 tokens 256 queries per step.
+_CPU_BLOCK_ELEMENTS = 1 << 20
+# Elsewhere, only split when the scores of all heads would exceed 1 GiB of float32.
+_ACCELERATOR_BLOCK_ELEMENTS = 1 << 28
+_BATCH_DIMS = ((0,), (0,))
 
 
 def dot_product_attention(
@@ -33,6 +58,23 @@ def dot_product_attention(
     Returns:
       ``[B, Lq, H, D]`` in ``q.dtype``.
     """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if mask is None and jax.default_backend() == "gpu" and q.dtype in (jnp.float16, jnp.bfloat16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # cuDNN refused these shapes or this GPU; fall through.
+    if mask is None and q.shape[1] * k.shape[1] >= FLASH_MIN_SCORES:
+        return flash_attention(q, k, v, scale, upcast)
+    return einsum_attention(q, k, v, mask=mask, scale=scale, upcast=upcast)
+
+
+def einsum_attention(q, k, v, *, mask=None, scale=None, upcast=True):
+    """Plain attention; same arguments and result as :func:`dot_product_attention`.
+
+    Materializes the ``[B, H, Lq, Lk]`` probabilities, which autodiff keeps for the
+    backward pass.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = q.dtype
     if upcast:
@@ -42,3 +84,143 @@ def dot_product_attention(
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = True) -> jax.Array:
+    """Unmasked attention with a memory-lean, cache-friendly hand-written backward.
+
+    Same arguments and result as :func:`dot_product_attention` (no mask). Each head's
+    queries see all keys at once (no online softmax); heads, and for long sequences
+    query blocks, are processed a cache-sized block at a time. The forward pass saves
+    the output and the float32 log-sum-exp per query; the backward pass recomputes the
+    probabilities from them. Logits are ``upcast`` to float32 or kept in ``q.dtype``;
+    the softmax statistics are float32 either way.
+    """
+    return _flash_forward(q, k, v, scale, upcast)[0]
+
+
+def _flash_forward(q, k, v, scale, upcast):
+    compute = jnp.float32 if upcast else q.dtype
+    blocks = _Blocks.plan(q.shape, k.shape[1])
+    queries = blocks.split_queries(q.astype(compute) * scale)
+    keys_t = blocks.split_heads(k.astype(compute), transpose=True)
+    values = blocks.split_heads(v, transpose=False)
+
+    def group(args):
+        q_group, kt, vh = args
+        return lax.map(lambda q_block: _block_forward(q_block, kt, vh, compute), q_group)
+
+    out, lse = lax.map(group, (queries, keys_t, values))
+    out = blocks.merge_queries(out).astype(q.dtype)
+    return out, (q, k, v, out, blocks.merge_queries(lse[..., None]))
+
+
+def _block_forward(q, k_t, v, compute):
+    """q ``[G, Q, D]``, k_t ``[G, D, K]``, v ``[G, K, D]`` -> out ``[G, Q, D]``, lse ``[G, Q]``."""
+    logits = lax.dot_general(q, k_t, (((2,), (1,)), _BATCH_DIMS), preferred_element_type=compute)
+    logits = logits.astype(jnp.float32)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits - peak)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = lax.dot_general(weights.astype(v.dtype), v, (((2,), (1,)), _BATCH_DIMS),
+                          preferred_element_type=jnp.float32)
+    return out / total, (peak + jnp.log(total))[..., 0]
+
+
+def _flash_backward(scale, upcast, residuals, d_out):
+    q, k, v, out, lse = residuals
+    compute = jnp.float32 if upcast else q.dtype
+    blocks = _Blocks.plan(q.shape, k.shape[1])
+    split_q = blocks.split_queries
+    per_query = (split_q(q.astype(compute) * scale), split_q(out.astype(jnp.float32)),
+                 split_q(lse)[..., 0], split_q(d_out.astype(jnp.float32)))
+    per_key = (blocks.split_heads(k.astype(compute), transpose=True), blocks.split_heads(k.astype(compute), transpose=False),
+               blocks.split_heads(v.astype(jnp.float32), transpose=True))
+
+    def group(args):
+        q_group, o_group, lse_group, do_group, kt, kh, vt = args
+
+        def step(carry, block):
+            dq, dk_t, dv_t = _block_backward(*block, kt, kh, vt, compute)
+            return (carry[0] + dk_t, carry[1] + dv_t), dq
+
+        zeros = jnp.zeros(kt.shape, jnp.float32)
+        (dk_t, dv_t), dq = lax.scan(step, (zeros, zeros), (q_group, o_group, lse_group, do_group))
+        return dq, dk_t, dv_t
+
+    dq, dk_t, dv_t = lax.map(group, per_query + per_key)
+    dq = blocks.merge_queries(dq) * scale
+    return (dq.astype(q.dtype), blocks.merge_heads(dk_t).astype(k.dtype), blocks.merge_heads(dv_t).astype(v.dtype))
+
+
+def _block_backward(q, out, lse, d_out, k_t, k, v_t, compute):
+    """One block's gradients: dq ``[G, Q, D]`` (unscaled), dk^T and dv^T ``[G, D, K]``.
+
+    ``dk^T = q^T ds`` and ``dv^T = do^T p`` transpose the small ``[Q, D]`` operand:
+    XLA:CPU runs ``p^T do`` (big transposed operand) about 8x slower.
+    """
+    contract = lambda a, b, ca, cb, dtype: lax.dot_general(a, b, (((ca,), (cb,)), _BATCH_DIMS),
+                                                            preferred_element_type=dtype)
+    logits = contract(q, k_t, 2, 1, compute).astype(jnp.float32)
+    probs = jnp.exp(logits - lse[..., None])
+    d_probs = contract(d_out, v_t, 2, 1, jnp.float32)
+    d_logits = probs * (d_probs - jnp.sum(d_out * out, axis=-1, keepdims=True))
+    d_logits = d_logits.astype(compute)
+    dq = contract(d_logits, k, 2, 1, jnp.float32)
+    dk_t = contract(q, d_logits, 1, 1, jnp.float32)
+    dv_t = contract(d_out, probs, 1, 1, jnp.float32)
+    return dq, dk_t, dv_t
+
+
+flash_attention.defvjp(_flash_forward, _flash_backward)
+
+
+class _Blocks:
+    """How flash_attention walks the ``B * H`` heads and ``Lq`` queries.
+
+    The heads are cut into groups of ``group`` (an outer loop); each group's queries,
+    padded to ``n_blocks * block`` rows, into ``n_blocks`` blocks (an inner loop).
+    Either ``group == 1`` or ``n_blocks == 1``.
+    """
+
+    def __init__(self, batch, heads, queries, group, n_blocks, block):
+        self.batch, self.heads, self.queries = batch, heads, queries
+        self.group, self.n_blocks, self.block = group, n_blocks, block
+
+    @classmethod
+    def plan(cls, q_shape, keys):
+        batch, queries, heads, _ = q_shape
+        budget = _CPU_BLOCK_ELEMENTS if jax.default_backend() == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
+        rows = max(1, budget // keys)
+        if rows < queries:
+            n_blocks = math.ceil(queries / rows)
+            return cls(batch, heads, queries, 1, n_blocks, math.ceil(queries / n_blocks))
+        fits = rows // queries
+        group = max(d for d in range(1, batch * heads + 1) if (batch * heads) % d == 0 and d <= fits)
+        return cls(batch, heads, queries, group, 1, queries)
+
+    def split_queries(self, x):
+        """``[B, Lq, H, D]`` -> ``[B*H/group, n_blocks, group, block, D]`` (zero-padded)."""
+        b, lq, h, d = x.shape
+        x = jnp.pad(x, ((0, 0), (0, self.n_blocks * self.block - lq), (0, 0), (0, 0)))
+        x = x.reshape(b, self.n_blocks, self.block, h, d).transpose(0, 3, 1, 2, 4)
+        x = x.reshape(b * h // self.group, self.group, self.n_blocks, self.block, d)
+        return x.transpose(0, 2, 1, 3, 4)
+
+    def merge_queries(self, x):
+        """Inverse of :meth:`split_queries`: ``[B, Lq, H, D]`` without the padding."""
+        d = x.shape[-1]
+        x = x.transpose(0, 2, 1, 3, 4).reshape(self.batch, self.heads, self.n_blocks * self.block, d)
+        return x[:, :, :self.queries].transpose(0, 2, 1, 3)
+
+    def split_heads(self, x, *, transpose):
+        """``[B, Lk, H, D]`` -> ``[B*H/group, group, Lk, D]``, or ``[..., D, Lk]`` if ``transpose``."""
+        b, lk, h, d = x.shape
+        x = x.transpose(0, 2, 3, 1) if transpose else x.transpose(0, 2, 1, 3)
+        return x.reshape((b * h // self.group, self.group) + x.shape[2:])
+
+    def merge_heads(self, x_t):
+        """``[B*H/group, group, D, Lk]`` -> ``[B, Lk, H, D]``."""
+        d, lk = x_t.shape[-2:]
+        return x_t.reshape(self.batch, self.heads, d, lk).transpose(0, 3, 1, 2)

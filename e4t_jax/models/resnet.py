@@ -74,5 +74,8 @@ class Upsample2D(nn.Module):
         if size is None:
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         else:
-            x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
+            # torch's "nearest": source index floor(i * in / out), not half-pixel centres.
+            rows = (jnp.arange(size[0]) * h) // size[0]
+            cols = (jnp.arange(size[1]) * w) // size[1]
+            x = x[:, rows][:, :, cols]
         return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)
