@@ -74,6 +74,8 @@ def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[li
     def wrapped(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         logging.captureWarnings(True)
+        for noisy in ("absl", "orbax", "jax", "grain"):  # keep library chatter out of the CLI output
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         try:
             return main(argv) or 0
         except KeyboardInterrupt:

@@ -109,18 +109,23 @@ def export_concept(concept_file: str | Path, model: str | Path, out: str | Path,
     Raises:
       ConceptError: ``concept_file`` is not a concept, or was made for another base model.
       cli.UserError: ``out`` is not free.
-      FileNotFoundError: a missing concept file or model folder.
+      FileNotFoundError: a missing concept file or model folder (or ``model_index.json``
+        with ``full_pipeline``).
     """
     import jax
     from safetensors.numpy import save_file
 
-    from e4t_jax import pipeline, weights
+    from e4t_jax import pipeline, tiny, weights
     from e4t_jax.e4t import concept as concept_lib
     from e4t_jax.e4t import offsets as offsets_lib
 
     out = Path(out)
     model_folder = pipeline.resolve(model)
     _check_out(out, model_folder, overwrite)
+    if full_pipeline and not (model_folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_folder} has no model_index.json: --full-pipeline needs a diffusers "
+                                "StableDiffusionPipeline folder")
+    concept_lib.read_concept(concept_file)  # a foreign file fails here, before the model is loaded
     sd, params, tokenizer = pipeline.load_model(model)
     try:
         loaded = concept_lib.load_concept(concept_file, sd, tokenizer)
@@ -132,7 +137,7 @@ def export_concept(concept_file: str | Path, model: str | Path, out: str | Path,
     if loaded.concept.offsets is not None:
         unet_params = offsets_lib.merge_offsets(unet_params, loaded.concept.offsets, loaded.offset_config)
     unet_params = jax.tree.map(lambda leaf: np.asarray(leaf, DTYPES[dtype]), unet_params)
-    header = dict(loaded.header, model_id=str(model))
+    header = dict(loaded.header, model_id=str(model_folder) if str(model) in tiny.PRESETS else str(model))
     with cli.atomic_path(out) as tmp:
         tmp.mkdir()
         if full_pipeline:
