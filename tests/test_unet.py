@@ -103,8 +103,6 @@ def test_features_match_diffusers(case):
 
 
 def test_features_only_needs_no_up_path(case):
-    if case["reference"].config.use_linear_projection:
-        pytest.skip("the same code path for both configurations")
     down_and_mid = {k: v for k, v in case["params"].items()
                     if not k.startswith("up_blocks") and k not in ("conv_norm_out", "conv_out")}
     features = jax.jit(lambda p, *x: case["model"].apply({"params": p}, *x, features_only=True))(
