@@ -73,21 +73,26 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     return weights.resolve_model(path_or_id)
 
 
-def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32,
-               remat: bool = False) -> tuple[StableDiffusion, PyTree, Tokenizer]:
+def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: bool = False, *,
+               param_dtype: Any = jnp.float32) -> tuple[StableDiffusion, PyTree, Tokenizer]:
     """Loads U-Net, VAE, text encoder, tokenizer and scheduler config of a model folder.
 
+    Args:
+      dtype: compute dtype of the modules.
+      remat: rematerialize U-Net blocks in the backward pass.
+      param_dtype: dtype of the loaded weights (float32, bfloat16 or float16).
+
     Returns:
-      ``(model, params, tokenizer)`` with params ``{"unet", "vae", "text"}`` (float32
-      numpy leaves; the modules compute in ``dtype``).
+      ``(model, params, tokenizer)`` with params ``{"unet", "vae", "text"}`` (numpy
+      leaves in ``param_dtype``).
     """
     folder = resolve(path_or_id)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"{folder} has no {part}/ folder: it is not a diffusers Stable Diffusion model.")
-    unet, unet_params = load_unet(folder / "unet", dtype, remat=remat)
-    vae, vae_params = load_vae(folder / "vae", dtype)
-    text, text_params = load_clip_text(folder / "text_encoder", dtype)
+    unet, unet_params = load_unet(folder / "unet", dtype, remat=remat, param_dtype=param_dtype)
+    vae, vae_params = load_vae(folder / "vae", dtype, param_dtype=param_dtype)
+    text, text_params = load_clip_text(folder / "text_encoder", dtype, param_dtype=param_dtype)
     scheduler = schedulers.SchedulerConfig.from_diffusers(weights.read_config(folder / "scheduler",
                                                                               "scheduler_config.json"))
     model = StableDiffusion(unet, vae, text, scheduler, folder, str(path_or_id))

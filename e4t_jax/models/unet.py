@@ -377,15 +377,15 @@ def unet_abstract_params(config: UNetConfig) -> dict:
     return jax.eval_shape(model.init, jax.random.key(0), sample, jnp.zeros((1,)), context)["params"]
 
 
-def load_unet(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
-              remat: bool = False) -> tuple[UNet2DConditionModel, dict]:
+def load_unet(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, remat: bool = False, *,
+              param_dtype: jnp.dtype = jnp.float32) -> tuple[UNet2DConditionModel, dict]:
     """Loads a diffusers ``unet/`` folder (``config.json`` + safetensors).
 
     Returns:
-      ``(module, params)``: the module computes in ``dtype``; params are float32 numpy
-      arrays in a nested dict.
+      ``(module, params)``: the module computes in ``dtype``; params are numpy arrays
+      in ``param_dtype`` in a nested dict.
     """
     config = UNetConfig.from_diffusers(weights.read_config(folder))
     state = weights.load_state_dict(folder)
-    params = weights.state_dict_to_params(state, unet_abstract_params(config), what="U-Net")
+    params = weights.state_dict_to_params(state, unet_abstract_params(config), dtype=param_dtype, what="U-Net")
     return UNet2DConditionModel(config, dtype=dtype, remat=remat), params
