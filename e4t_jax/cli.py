@@ -27,9 +27,9 @@ def reexec_with_fast_malloc() -> None:
     tunable is read only at process start, hence the re-exec. Set
     ``E4T_NO_REEXEC=1`` to disable.
     """
-    if sys.platform != "linux" or os.environ.get("E4T_NO_REEXEC") or MALLOC_TUNABLES in os.environ.get(
-            "GLIBC_TUNABLES", ""):
-        return
+    if (sys.platform != "linux" or os.environ.get("E4T_NO_REEXEC") or "ipykernel" in sys.modules
+            or MALLOC_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")):
+        return  # a notebook kernel must never be replaced mid-cell
     tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
     env = dict(os.environ, GLIBC_TUNABLES=tunables, E4T_NO_REEXEC="1")
     argv = [sys.executable] + (["-m", _module_name()] if _module_name() else []) + sys.argv[(1 if _module_name() else 0):]
@@ -51,6 +51,9 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()  # JAX decides once per process; re-decide with the new folder
     return directory
 
 

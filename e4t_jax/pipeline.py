@@ -103,14 +103,38 @@ def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: b
 class Concept:
     """A personalized concept: ``embedding`` ``[D]`` for ``token_id``, plus U-Net offsets.
 
-    ``offsets`` is a pytree as made by :func:`e4t_jax.e4t.offsets.init_offsets` (or
-    None); ``offset_kind`` its parameterization.
+    Attributes:
+      token_id: the placeholder's id.
+      embedding: ``[D]`` the word embedding ``v*``.
+      offsets: weight-offset pytree (:func:`e4t_jax.e4t.offsets.init_offsets`) or None.
+      offset_kind: its parameterization.
+      head: an :class:`e4t_jax.e4t.encoder.EncoderHead` to re-encode the concept at every
+        denoising step (the paper's per-step option); None uses ``embedding`` throughout.
+      reencode: arrays for re-encoding: ``head`` (params), ``clip_tokens`` ``[1, T, Dv]``
+        and ``latents`` ``[1, h, w, c]`` of the concept image, ``noise`` like
+        ``latents``, ``class_embedding`` ``[D]``, ``empty_ids`` ``[1, L]`` (the empty prompt). At step ``t`` the U-Net branch sees
+        ``add_noise(latents, noise, t)``, as in training.
     """
 
     token_id: int
     embedding: Any
     offsets: PyTree = None
     offset_kind: str = "lowrank"
+    head: Any = None
+    reencode: PyTree = None
+
+
+def _reencoded(model: StableDiffusion, head, arrays: PyTree, unet_params: PyTree, empty_context: jax.Array,
+               timestep: jax.Array) -> jax.Array:
+    """``v*`` re-encoded at ``timestep``: the head on the noised concept latent (``[D]``)."""
+    from e4t_jax.e4t.encoder import pool_features
+
+    t = jnp.clip(jnp.round(timestep), 0, model.scheduler.num_train_timesteps - 1).astype(jnp.int32)[None]
+    noisy = schedulers.add_noise(model.scheduler, arrays["latents"], arrays["noise"], t)
+    features = model.unet.apply({"params": unet_params}, noisy.astype(model.unet.dtype), t, empty_context,
+                                features_only=True)
+    offset = head.apply({"params": arrays["head"]}, arrays["clip_tokens"], pool_features(features))
+    return arrays["class_embedding"] + head.config.embedding_scale * offset[0]
 
 
 def _mesh() -> Mesh:
@@ -140,24 +164,34 @@ class Generator:
             self._compiled[full_key] = jax.jit(self._build(*key)).lower(*args).compile()
         return self._compiled[full_key]
 
-    def _build(self, sampler_name: str, num_steps: int, concept_kinds: tuple[str | None, ...]) -> Callable:
+    def _build(self, sampler_name: str, num_steps: int, concept_kinds: tuple[str | None, ...],
+               heads: tuple[Any, ...]) -> Callable:
         model = self.model
         sampler = schedulers.make_sampler(model.scheduler, sampler_name, num_steps)
 
         def run(params, cond_ids, uncond_ids, latents, guidance, concepts):
             self.traces += 1
             unet_params = params["unet"]
-            overrides = []
             for kind, concept in zip(concept_kinds, concepts):
                 if kind is not None:
                     unet_params = offsets_lib.apply_offsets(unet_params, concept["offsets"], kind)
-                overrides.append((concept["token_id"], concept["embedding"]))
             ids = jnp.concatenate([uncond_ids, cond_ids])
-            context = encode_text(model.text, params["text"], ids, tuple(overrides))
+            empties = [None if head is None else encode_text(model.text, params["text"], c["reencode"]["empty_ids"])
+                       for head, c in zip(heads, concepts)]
+
+            def text_context(i):
+                overrides = tuple(
+                    (c["token_id"], c["embedding"] if head is None else
+                     _reencoded(model, head, c["reencode"], unet_params, empty, sampler.timesteps[i]))
+                    for head, c, empty in zip(heads, concepts, empties))
+                return encode_text(model.text, params["text"], ids, overrides)
+
+            static_context = None if any(h is not None for h in heads) else text_context(0)
             x = latents.astype(jnp.float32) * sampler.init_noise_sigma
 
             def body(i, carry):
                 x, state = carry
+                context = static_context if static_context is not None else text_context(i)
                 x_in = sampler.scale_model_input(state, x, i)
                 out = model.unet.apply({"params": unet_params}, jnp.concatenate([x_in, x_in]).astype(model.unet.dtype),
                                        sampler.timesteps[i], context).astype(jnp.float32)
@@ -210,15 +244,17 @@ class Generator:
             raise ValueError(f"initial latents have shape {tuple(latents.shape)}; expected "
                              f"{self.latent_shape(batch, height, width)} ([B, h, w, C])")
         kinds = tuple(None if c.offsets is None else c.offset_kind for c in concepts)
+        heads = tuple(c.head for c in concepts)
         concept_arrays = tuple({"token_id": jnp.int32(c.token_id), "embedding": jnp.asarray(c.embedding, jnp.float32),
-                                **({"offsets": c.offsets} if c.offsets is not None else {})} for c in concepts)
+                                **({"offsets": c.offsets} if c.offsets is not None else {}),
+                                **({"reencode": c.reencode} if c.head is not None else {})} for c in concepts)
         mesh = _mesh()
         data = NamedSharding(mesh, PartitionSpec("data") if batch % mesh.size == 0 else PartitionSpec())
         cond_ids, uncond_ids, latents = jax.device_put((jnp.asarray(cond_ids, jnp.int32),
                                                         jnp.asarray(uncond_ids, jnp.int32),
                                                         jnp.asarray(latents, jnp.float32)), data)
         args = (params, cond_ids, uncond_ids, latents, jnp.float32(guidance), concept_arrays)
-        return self._executable((SAMPLER_ALIASES[sampler], num_steps, kinds), args), args
+        return self._executable((SAMPLER_ALIASES[sampler], num_steps, kinds, heads), args), args
 
     def compile(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, **kwargs) -> None:
         """Compiles (without running) the program that ``__call__`` with these arguments runs."""

@@ -40,8 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concept", type=Path, action="append", default=[],
                    help="personalized concept file from e4t-personalize (repeatable)")
     p.add_argument("--reencode", action="store_true",
-                   help="re-encode the concept image at every denoising step (needs --encoder)")
-    p.add_argument("--encoder", type=Path, default=None, help="domain encoder folder, for --reencode")
+                   help="re-encode the concept image at every denoising step (the concept's tuned head, "
+                        "else the --encoder's)")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="domain encoder folder whose head --reencode uses when the concept holds none")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--cache-dir", type=Path, default=None, help="persistent compilation cache folder")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
@@ -64,8 +66,8 @@ def _validate(args: argparse.Namespace) -> None:
     for concept in args.concept:
         if not concept.is_file():
             raise cli.UserError(f"concept file {concept} does not exist")
-    if args.reencode and (not args.concept or args.encoder is None):
-        raise cli.UserError("--reencode needs --concept and --encoder")
+    if args.reencode and not args.concept:
+        raise cli.UserError("--reencode needs --concept")
 
 
 def save_images(images_uint8: np.ndarray, prompts: list[str], out: Path) -> list[Path]:
@@ -82,6 +84,23 @@ def save_images(images_uint8: np.ndarray, prompts: list[str], out: Path) -> list
     return paths
 
 
+def _reencoding(loaded, args: argparse.Namespace, model, params, tokenizer):
+    """The concept with per-step re-encoding: its own tuned head, else the --encoder's."""
+    from e4t_jax.e4t import concept as concept_lib
+
+    head, encoder_config = loaded.head, loaded.header.get("encoder")
+    if head is None:
+        if args.encoder is None:
+            raise cli.UserError(f"--reencode: {loaded.placeholder}'s concept holds no tuned encoder head "
+                                "(personalize with --save-encoder) and no --encoder was given")
+        from e4t_jax.training.checkpoint import load_encoder
+
+        head, _, config = load_encoder(args.encoder, expected=concept_lib.model_identity(model))
+        encoder_config = config["encoder"]
+    return concept_lib.with_reencoding(loaded, head_params=head, encoder_config=encoder_config,
+                                       text_params=params["text"], tokenizer=tokenizer, seed=args.seed)
+
+
 @cli.main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -96,10 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     start = time.perf_counter()
     model, params, tokenizer = pipeline.load_model(args.model, dtype=jnp.dtype(args.dtype))
-    concepts = [concept_lib.load_concept(path, model, tokenizer) for path in args.concept]
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
-    for c in concepts:
-        tokenizer.require_placeholder(prompts, c.placeholder)
+    try:  # a foreign concept file (ConceptError) or a prompt without the placeholder
+        loaded = [concept_lib.load_concept(path, model, tokenizer) for path in args.concept]
+        placeholders = [c.placeholder for c in loaded]
+        for prompt in prompts:  # each prompt must name at least one of the concepts
+            if placeholders and not any(token in prompt for token in placeholders):
+                tokenizer.require_placeholder([prompt], " or ".join(placeholders))
+        concepts = [_reencoding(c, args, model, params, tokenizer) if args.reencode else c.concept for c in loaded]
+    except ValueError as e:
+        raise cli.UserError(str(e)) from e
     timings["load"] = time.perf_counter() - start
 
     latents = None
@@ -112,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     uncond = tokenizer.encode([args.negative_prompt] * len(prompts))
     generator = pipeline.Generator(model)
     kwargs = dict(seed=args.seed, latents=latents, height=args.height, width=args.width, num_steps=args.steps,
-                  guidance=args.guidance, sampler=args.sampler, concepts=tuple(c.concept for c in concepts))
+                  guidance=args.guidance, sampler=args.sampler, concepts=tuple(concepts))
     try:
         start = time.perf_counter()
         generator.compile(params, cond, uncond, **kwargs)

@@ -12,6 +12,7 @@ grid beside it (``me.png``), and prints a timing breakdown.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import time
@@ -100,6 +101,30 @@ def concept_embedding(e, trainable, image_pixels: np.ndarray) -> np.ndarray:
     return np.asarray(run(trainable, e.frozen, image_pixels[None]))
 
 
+def image_features(e, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """What per-step re-encoding at generation needs from the clean image.
+
+    Returns ``clip_tokens`` ``[T, Dv]`` (the tapped CLIP [CLS] tokens) and ``latents``
+    ``[h, w, c]`` (scaled VAE posterior mean), float32.
+    """
+    import jax
+
+    from e4t_jax.e4t.encoder import clip_class_tokens
+    from e4t_jax.training.steps import clip_pixels
+
+    @jax.jit
+    def run(frozen, pixels):
+        vision_cfg = e.model.vision.config
+        out = e.model.vision.apply({"params": frozen["vision"]}, clip_pixels(pixels, vision_cfg.image_size),
+                                   output_hidden_states=True)
+        mean, _ = e.model.vae.apply({"params": frozen["vae"]}, pixels, method=e.model.vae.encode)
+        return clip_class_tokens(out.hidden_states, e.model.encoder_config.clip_layer_stride)[0], \
+            mean[0] * e.model.vae_scaling
+
+    tokens, latents = run(e.frozen, pixels[None])
+    return {"clip_tokens": np.asarray(tokens, np.float32), "latents": np.asarray(latents, np.float32)}
+
+
 def _validate(args: argparse.Namespace) -> None:
     if args.steps < 1 or args.batch_size < 1:
         raise cli.UserError("--steps and --batch-size must be at least 1")
@@ -176,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     log.info("tuning loss on a fixed batch and noise: %.5f -> %.5f", loss_before, loss_after)
 
     tuned = {**{k: frozen[k] for k in ("head",) if k in frozen}, **state.params}
-    embedding = concept_embedding(e, tuned, center_crop_resize(image, size))
+    clean = center_crop_resize(image, size)
+    embedding = concept_embedding(e, tuned, clean)
     concept_lib.save_concept(
         args.out, embedding=embedding, offsets=jax.device_get(tuned["offsets"]), offset_config=e.model.offsets,
         sd=e.sd, domain_word=e.domain_word, placeholder=e.placeholder,
         head=jax.device_get(tuned["head"]) if args.save_encoder and args.tune_encoder else None,
+        image=image_features(e, clean),
         extra={"image": args.image.name, "steps": args.steps, "lr": args.lr, "loss_before": loss_before,
-               "loss_after": loss_after})
+               "loss_after": loss_after, "encoder": dataclasses.asdict(e.model.encoder_config)})
     log.info("wrote %s (%.1f KiB)", args.out, args.out.stat().st_size / 1024)
 
     if not args.no_preview:

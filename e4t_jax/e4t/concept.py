@@ -5,7 +5,9 @@ Layout (all float32 tensors):
 * ``embedding``: ``[D]``, the word embedding ``v*`` of the placeholder;
 * ``offsets/<path>``: every leaf of the weight-offset pytree, its Flax path joined by
   ``/`` (e.g. ``offsets/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel/up``);
-* ``head/<path>``: the tuned encoder head, only when it was tuned and asked for.
+* ``head/<path>``: the tuned encoder head, only when it was tuned and asked for;
+* ``image/clip_tokens`` ``[T, Dv]`` and ``image/latents`` ``[h, w, c]``: the concept
+  image's tapped CLIP tokens and VAE latents, for per-step re-encoding at generation.
 
 The safetensors metadata ``e4t`` holds a JSON header: format version, project version,
 the base model's identity (text width, cross-attention width, U-Net config hash), the
@@ -54,7 +56,7 @@ def _unflatten(tensors: dict[str, np.ndarray], prefix: str) -> PyTree | None:
 
 def save_concept(path: str | os.PathLike, *, embedding: Any, offsets: PyTree, offset_config: offsets_lib.OffsetConfig,
                  sd: StableDiffusion, domain_word: str, placeholder: str, head: PyTree | None = None,
-                 extra: dict[str, Any] | None = None) -> Path:
+                 image: dict[str, np.ndarray] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Writes a concept file (atomically: a crash leaves nothing at ``path``)."""
     from safetensors.numpy import save_file
 
@@ -64,6 +66,8 @@ def save_concept(path: str | os.PathLike, *, embedding: Any, offsets: PyTree, of
     tensors.update(_flatten("offsets", offsets))
     if head is not None:
         tensors.update(_flatten("head", head))
+    if image is not None:
+        tensors.update(_flatten("image", image))
     header = {"format_version": FORMAT_VERSION, "e4t_jax_version": __version__, "base_model": model_identity(sd),
               "model_id": sd.model_id, "domain_word": domain_word, "placeholder": placeholder,
               "offsets": dataclasses.asdict(offset_config), **(extra or {})}
@@ -74,13 +78,18 @@ def save_concept(path: str | os.PathLike, *, embedding: Any, offsets: PyTree, of
 
 @dataclasses.dataclass
 class LoadedConcept:
-    """A concept file, read. ``concept`` is what :class:`e4t_jax.pipeline.Generator` takes."""
+    """A concept file, read. ``concept`` is what :class:`e4t_jax.pipeline.Generator` takes.
+
+    ``head`` (tuned encoder head) and ``image`` (``clip_tokens``, ``latents``) are None
+    when the file does not hold them.
+    """
 
     concept: Concept
     placeholder: str
     header: dict[str, Any]
     offset_config: offsets_lib.OffsetConfig
     head: PyTree | None
+    image: dict[str, np.ndarray] | None
 
 
 def read_concept(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -102,6 +111,35 @@ def read_concept(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     return tensors, json.loads(metadata["e4t"])
 
 
+def with_reencoding(loaded: LoadedConcept, *, head_params: PyTree, encoder_config: dict, text_params: PyTree,
+                    tokenizer: Tokenizer, seed: int = 0) -> Concept:
+    """The concept set up to re-encode its image at every denoising step.
+
+    Args:
+      loaded: from :func:`load_concept`; must hold ``image`` features.
+      head_params: the encoder head (the concept's own tuned head, or the domain encoder's).
+      encoder_config: the head's :class:`e4t_jax.e4t.encoder.EncoderConfig` as a dict.
+      text_params: the text encoder's params (for the domain word's embedding).
+      seed: the noise that the U-Net branch sees is fixed by it.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from e4t_jax.e4t.encoder import EncoderConfig, EncoderHead
+
+    if loaded.image is None:
+        raise ConceptError("this concept file holds no image features; personalize it again with this version "
+                           "to use --reencode")
+    word_id = tokenizer.token_ids(loaded.header["domain_word"])[0]
+    latents = jnp.asarray(loaded.image["latents"])[None]
+    arrays = {"head": head_params, "clip_tokens": jnp.asarray(loaded.image["clip_tokens"])[None],
+              "latents": latents, "noise": jax.random.normal(jax.random.PRNGKey(seed), latents.shape),
+              "class_embedding": jnp.asarray(text_params["embeddings"]["token_embedding"]["embedding"][word_id]),
+              "empty_ids": jnp.asarray(tokenizer.encode([""]))}
+    return dataclasses.replace(loaded.concept, head=EncoderHead(EncoderConfig.from_dict(encoder_config)),
+                               reencode=arrays)
+
+
 def load_concept(path: str | os.PathLike, sd: StableDiffusion, tokenizer: Tokenizer) -> LoadedConcept:
     """Reads a concept, checks it against the model, and adds its placeholder to ``tokenizer``."""
     tensors, header = read_concept(path)
@@ -121,4 +159,5 @@ def load_concept(path: str | os.PathLike, sd: StableDiffusion, tokenizer: Tokeni
     offsets = _unflatten(tensors, "offsets")
     concept = Concept(token_id=token_id, embedding=tensors["embedding"], offsets=offsets,
                       offset_kind=offset_config.kind)
-    return LoadedConcept(concept, placeholder, header, offset_config, _unflatten(tensors, "head"))
+    return LoadedConcept(concept, placeholder, header, offset_config, _unflatten(tensors, "head"),
+                         _unflatten(tensors, "image"))

@@ -1,0 +1,167 @@
+"""e4t-personalize, e4t-generate and e4t-demo on the tiny model with a real photo (skimage's astronaut).
+
+A personalization run and then the demo (which personalizes the same way) run in fresh
+processes, as a user runs them, with one fresh compilation cache: the first checks the
+tuning and the concept file, the demo that the cache removes most of the compile time.
+Bad inputs run in-process and must end with status 2, one line on stderr and nothing
+written.
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import skimage.data
+from PIL import Image
+
+from e4t_jax import tiny, weights
+from e4t_jax.e4t import concept as concept_lib
+from e4t_jax.training.checkpoint import base_model_identity
+from infer import generate, personalize
+
+TUNING = ["--steps", "15", "--batch-size", "4", "--lr", "1e-3", "--no-preview"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The tiny model's random face encoder, the astronaut photo, and a fresh compile cache folder."""
+    folder = tmp_path_factory.mktemp("personalize")
+    photo = folder / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    return types.SimpleNamespace(folder=folder, photo=photo, encoder=tiny.preset_encoder_dir("tiny", "face"),
+                                 cache=folder / "xla")
+
+
+def _run(inputs, module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a fresh process; fails the test unless it exits 0."""
+    done = subprocess.run([sys.executable, "-m", module, *args, "--cache-dir", str(inputs.cache)],
+                          capture_output=True, text=True, cwd=inputs.folder, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _personalize_compile_seconds(log: str) -> float:
+    return float(re.search(r"^timings: load [0-9.]+s, compile ([0-9.]+)s, tune", log, re.M).group(1))
+
+
+@pytest.fixture(scope="module")
+def runs(inputs):
+    """e4t-personalize, then e4t-demo with the same tuning settings and --cache-dir."""
+    first = _run(inputs, "infer.personalize", "--model", "tiny", "--encoder", str(inputs.encoder),
+                 "--image", str(inputs.photo), *TUNING, "--out", str(inputs.folder / "first.safetensors"))
+    demo = _run(inputs, "infer.demo", "--steps", "15", "--batch-size", "4", "--out", str(inputs.folder / "demo"))
+    return first, demo
+
+
+@pytest.fixture(scope="module")
+def concept_file(inputs, runs):
+    return inputs.folder / "first.safetensors"
+
+
+def test_tuning_loss_falls(runs):
+    found = re.search(r"tuning loss on a fixed batch and noise: ([0-9.]+) -> ([0-9.]+)", runs[0].stderr)
+    assert found, runs[0].stderr[-3000:]
+    before, after = map(float, found.groups())
+    assert after < before
+
+
+def test_concept_file_header_and_size(concept_file):
+    tensors, header = concept_lib.read_concept(concept_file)
+    model = tiny.preset_dir("tiny")
+    text_width = weights.read_config(model / "text_encoder")["hidden_size"]
+    assert header["placeholder"] == "S*" and header["domain_word"] == "face" and header["model_id"] == "tiny"
+    assert header["base_model"] == base_model_identity(weights.read_config(model / "unet"), text_width)
+    assert tensors["embedding"].shape == (text_width,)
+    assert any(name.startswith("offsets/") for name in tensors) and not any(n.startswith("head/") for n in tensors)
+    size = concept_file.stat().st_size
+    print(f"concept file: {size / 1024:.1f} KiB")
+    assert size < 100 * 1024
+
+
+def test_compile_cache_makes_second_run_compile_faster(runs):
+    first, second = (_personalize_compile_seconds(run.stderr) for run in runs)
+    print(f"compile: first run {first:.1f}s, second run (cache) {second:.1f}s")
+    assert second < 0.7 * first
+
+
+def test_demo_personalizes_and_generates(inputs, runs):
+    demo = inputs.folder / "demo"
+    _, header = concept_lib.read_concept(demo / "astronaut.safetensors")
+    assert header["image"] == "astronaut.png" and header["steps"] == 15
+    assert Image.open(demo / "images" / "grid.png").size == (128, 128)  # 4 images of 64x64
+    assert (demo / "images" / "prompts.txt").read_text().count("S*") == 4
+
+
+def test_generate_with_concept(concept_file, tmp_path):
+    out = tmp_path / "images"
+    code = generate.main(["--model", "tiny", "--concept", str(concept_file), "--prompt", "a photo of S*",
+                          "--num-images", "2", "--steps", "3", "--out", str(out)])
+    assert code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png", "grid.png"]
+    assert Image.open(out / "000.png").size == (64, 64)
+    assert all(line.endswith("\ta photo of S*") for line in (out / "prompts.txt").read_text().splitlines())
+
+
+def _encoder_for_another_model(inputs, folder: Path) -> Path:
+    """A copy of the tiny encoder whose stored config claims an SD 1.x text width."""
+    encoder = shutil.copytree(inputs.encoder, folder / "foreign-encoder")
+    config_file = encoder / "config" / "metadata"  # where orbax's JsonCheckpointHandler keeps the config
+    config = json.loads(config_file.read_text())
+    config["base_model"]["text_width"] = 768
+    config_file.write_text(json.dumps(config))
+    return encoder
+
+
+def _concept_for_another_model(concept_file: Path, folder: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    tensors, header = concept_lib.read_concept(concept_file)
+    header["base_model"]["text_width"] = 768
+    foreign = folder / "foreign.safetensors"
+    save_file(tensors, str(foreign), metadata={"e4t": json.dumps(header)})
+    return foreign
+
+
+def _personalize_exit_code(inputs, out: Path, *, image: Path | None = None, encoder: Path | None = None) -> int:
+    return personalize.main(["--model", "tiny", "--encoder", str(encoder or inputs.encoder),
+                             "--image", str(image or inputs.photo), *TUNING, "--out", str(out / "c.safetensors")])
+
+
+def _generate_exit_code(concept: Path, out: Path, prompt: str = "a photo of S*") -> int:
+    return generate.main(["--model", "tiny", "--concept", str(concept), "--prompt", prompt, "--steps", "2",
+                          "--out", str(out)])
+
+
+def _not_a_picture(folder: Path) -> Path:
+    fake = folder / "fake.png"
+    fake.write_text("this is text, not a picture\n")
+    return fake
+
+
+# case -> (inputs, scratch folder, --out, a good concept file) -> exit code
+BAD_INPUTS = {
+    "missing image": lambda inputs, folder, out, concept: _personalize_exit_code(
+        inputs, out, image=folder / "missing.png"),
+    "not a picture": lambda inputs, folder, out, concept: _personalize_exit_code(
+        inputs, out, image=_not_a_picture(folder)),
+    "encoder for another model": lambda inputs, folder, out, concept: _personalize_exit_code(
+        inputs, out, encoder=_encoder_for_another_model(inputs, folder)),
+    "concept for another model": lambda inputs, folder, out, concept: _generate_exit_code(
+        _concept_for_another_model(concept, folder), out),
+    "prompt without S*": lambda inputs, folder, out, concept: _generate_exit_code(concept, out, "a photo of a cat"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(case, inputs, concept_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = BAD_INPUTS[case](inputs, tmp_path, out, concept_file)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert not out.exists()
