@@ -16,6 +16,7 @@ picks one per call (at trace time):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -31,7 +32,6 @@ FLASH_MIN_SCORES = 1 << 14
 _CPU_BLOCK_ELEMENTS = 1 << 20
 # Elsewhere, only split when the scores of all heads would exceed 1 GiB of float32.
 _ACCELERATOR_BLOCK_ELEMENTS = 1 << 28
-_BATCH_DIMS = ((0,), (0,))
 
 
 def dot_product_attention(
@@ -92,12 +92,17 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upca
 
     Same arguments and result as :func:`dot_product_attention` (no mask). Each head's
     queries see all keys at once (no online softmax); heads, and for long sequences
-    query blocks, are processed a cache-sized block at a time. The forward pass saves
-    the output and the float32 log-sum-exp per query; the backward pass recomputes the
-    probabilities from them. Logits are ``upcast`` to float32 or kept in ``q.dtype``;
-    the softmax statistics are float32 either way.
+    query blocks, are processed one cache-sized block per loop step. The forward pass
+    saves the output and the float32 log-sum-exp per query; the backward pass
+    recomputes the probabilities from them. Logits are ``upcast`` to float32 or kept in
+    ``q.dtype``; the softmax statistics are float32 either way.
     """
     return _flash_forward(q, k, v, scale, upcast)[0]
+
+
+def _matmul(a, b, contract_a, contract_b, dtype):
+    """Batched (over axis 0) product of ``a`` and ``b`` over one axis each."""
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0,), (0,))), preferred_element_type=dtype)
 
 
 def _flash_forward(q, k, v, scale, upcast):
@@ -108,8 +113,8 @@ def _flash_forward(q, k, v, scale, upcast):
     values = blocks.split_heads(v, transpose=False)
 
     def group(args):
-        q_group, kt, vh = args
-        return lax.map(lambda q_block: _block_forward(q_block, kt, vh, compute), q_group)
+        q_group, k_t, v_heads = args
+        return lax.map(lambda q_block: _block_forward(q_block, k_t, v_heads, compute), q_group)
 
     out, lse = lax.map(group, (queries, keys_t, values))
     out = blocks.merge_queries(out).astype(q.dtype)
@@ -117,65 +122,62 @@ def _flash_forward(q, k, v, scale, upcast):
 
 
 def _block_forward(q, k_t, v, compute):
-    """q ``[G, Q, D]``, k_t ``[G, D, K]``, v ``[G, K, D]`` -> out ``[G, Q, D]``, lse ``[G, Q]``."""
-    logits = lax.dot_general(q, k_t, (((2,), (1,)), _BATCH_DIMS), preferred_element_type=compute)
-    logits = logits.astype(jnp.float32)
+    """q ``[G, Q, D]``, k^T ``[G, D, K]``, v ``[G, K, D]`` -> out ``[G, Q, D]``, lse ``[G, Q]``."""
+    logits = _matmul(q, k_t, 2, 1, compute).astype(jnp.float32)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.exp(logits - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = lax.dot_general(weights.astype(v.dtype), v, (((2,), (1,)), _BATCH_DIMS),
-                          preferred_element_type=jnp.float32)
-    return out / total, (peak + jnp.log(total))[..., 0]
+    out = _matmul(weights.astype(v.dtype), v, 2, 1, jnp.float32) / total
+    return out, (peak + jnp.log(total))[..., 0]
 
 
 def _flash_backward(scale, upcast, residuals, d_out):
     q, k, v, out, lse = residuals
     compute = jnp.float32 if upcast else q.dtype
     blocks = _Blocks.plan(q.shape, k.shape[1])
+    d_out = d_out.astype(jnp.float32)
+    # The softmax backward's per-query term rowsum(dp * p) equals rowsum(do * out).
+    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)
     split_q = blocks.split_queries
-    per_query = (split_q(q.astype(compute) * scale), split_q(out.astype(jnp.float32)),
-                 split_q(lse)[..., 0], split_q(d_out.astype(jnp.float32)))
-    per_key = (blocks.split_heads(k.astype(compute), transpose=True), blocks.split_heads(k.astype(compute), transpose=False),
-               blocks.split_heads(v.astype(jnp.float32), transpose=True))
+    per_query = (split_q(q.astype(compute) * scale), split_q(d_out), split_q(lse)[..., 0], split_q(delta)[..., 0])
+    k_compute = k.astype(compute)
+    per_head = (blocks.split_heads(k_compute, transpose=True), blocks.split_heads(k_compute, transpose=False),
+                blocks.split_heads(v.astype(jnp.float32), transpose=True))
 
     def group(args):
-        q_group, o_group, lse_group, do_group, kt, kh, vt = args
+        *query_blocks, k_t, k_heads, v_t = args
 
-        def step(carry, block):
-            dq, dk_t, dv_t = _block_backward(*block, kt, kh, vt, compute)
-            return (carry[0] + dk_t, carry[1] + dv_t), dq
+        def step(sums, block):
+            dq, dk_t, dv_t = _block_backward(*block, k_t, k_heads, v_t, compute)
+            return (sums[0] + dk_t, sums[1] + dv_t), dq
 
-        zeros = jnp.zeros(kt.shape, jnp.float32)
-        (dk_t, dv_t), dq = lax.scan(step, (zeros, zeros), (q_group, o_group, lse_group, do_group))
+        zeros = jnp.zeros(k_t.shape, jnp.float32)
+        (dk_t, dv_t), dq = lax.scan(step, (zeros, zeros), tuple(query_blocks))
         return dq, dk_t, dv_t
 
-    dq, dk_t, dv_t = lax.map(group, per_query + per_key)
+    dq, dk_t, dv_t = lax.map(group, per_query + per_head)
     dq = blocks.merge_queries(dq) * scale
-    return (dq.astype(q.dtype), blocks.merge_heads(dk_t).astype(k.dtype), blocks.merge_heads(dv_t).astype(v.dtype))
+    return dq.astype(q.dtype), blocks.merge_heads(dk_t).astype(k.dtype), blocks.merge_heads(dv_t).astype(v.dtype)
 
 
-def _block_backward(q, out, lse, d_out, k_t, k, v_t, compute):
-    """One block's gradients: dq ``[G, Q, D]`` (unscaled), dk^T and dv^T ``[G, D, K]``.
+def _block_backward(q, d_out, lse, delta, k_t, k, v_t, compute):
+    """One block's gradients: dq ``[G, Q, D]`` (without ``scale``), dk^T and dv^T ``[G, D, K]``.
 
     ``dk^T = q^T ds`` and ``dv^T = do^T p`` transpose the small ``[Q, D]`` operand:
     XLA:CPU runs ``p^T do`` (big transposed operand) about 8x slower.
     """
-    contract = lambda a, b, ca, cb, dtype: lax.dot_general(a, b, (((ca,), (cb,)), _BATCH_DIMS),
-                                                            preferred_element_type=dtype)
-    logits = contract(q, k_t, 2, 1, compute).astype(jnp.float32)
-    probs = jnp.exp(logits - lse[..., None])
-    d_probs = contract(d_out, v_t, 2, 1, jnp.float32)
-    d_logits = probs * (d_probs - jnp.sum(d_out * out, axis=-1, keepdims=True))
-    d_logits = d_logits.astype(compute)
-    dq = contract(d_logits, k, 2, 1, jnp.float32)
-    dk_t = contract(q, d_logits, 1, 1, jnp.float32)
-    dv_t = contract(d_out, probs, 1, 1, jnp.float32)
+    probs = jnp.exp(_matmul(q, k_t, 2, 1, compute).astype(jnp.float32) - lse[..., None])
+    d_logits = (probs * (_matmul(d_out, v_t, 2, 1, jnp.float32) - delta[..., None])).astype(compute)
+    dq = _matmul(d_logits, k, 2, 1, jnp.float32)
+    dk_t = _matmul(q, d_logits, 1, 1, jnp.float32)
+    dv_t = _matmul(d_out, probs, 1, 1, jnp.float32)
     return dq, dk_t, dv_t
 
 
 flash_attention.defvjp(_flash_forward, _flash_backward)
 
 
+@dataclasses.dataclass(frozen=True)
 class _Blocks:
     """How flash_attention walks the ``B * H`` heads and ``Lq`` queries.
 
@@ -184,12 +186,16 @@ class _Blocks:
     Either ``group == 1`` or ``n_blocks == 1``.
     """
 
-    def __init__(self, batch, heads, queries, group, n_blocks, block):
-        self.batch, self.heads, self.queries = batch, heads, queries
-        self.group, self.n_blocks, self.block = group, n_blocks, block
+    batch: int
+    heads: int
+    queries: int
+    group: int
+    n_blocks: int
+    block: int
 
     @classmethod
-    def plan(cls, q_shape, keys):
+    def plan(cls, q_shape: tuple[int, ...], keys: int) -> "_Blocks":
+        """Blocks of about the backend's block budget of scores, for queries ``q_shape``."""
         batch, queries, heads, _ = q_shape
         budget = _CPU_BLOCK_ELEMENTS if jax.default_backend() == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
         rows = max(1, budget // keys)
