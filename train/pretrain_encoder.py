@@ -184,10 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s (loaded in %.1fs)", e.describe(), time.perf_counter() - start)
 
     devices = jax.devices()
-    if args.devices_per_host:
-        devices = [d for d in devices if d.id in {x.id for x in
-                   [ld for p in range(jax.process_count()) for ld in
-                    [dd for dd in devices if dd.process_index == p][:args.devices_per_host]]}]
+    if args.devices_per_host:  # the first N devices of every host
+        devices = [d for host in range(jax.process_count())
+                   for d in [d for d in devices if d.process_index == host][:args.devices_per_host]]
     if args.batch_size % len(devices):
         raise cli.UserError(f"--batch-size {args.batch_size} is not a multiple of the {len(devices)} devices")
     mesh = parallel.make_mesh(data=len(devices) // args.fsdp, fsdp=args.fsdp, devices=devices)
