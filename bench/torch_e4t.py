@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from e4t_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,8 +83,8 @@ def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: b
       param_dtype: dtype of the loaded weights (float32, bfloat16 or float16).
 
     Returns:
-      ``(model, params, tokenizer)`` with params ``{"unet", "vae", "text"}`` (numpy
-      leaves in ``param_dtype``).
+      ``(model, params, tokenizer)`` with params ``{"unet", "vae", "text"}`` (device
+      arrays in ``param_dtype``, placed once so that sampling calls copy nothing).
     """
     folder = resolve(path_or_id)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -96,7 +96,8 @@ def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: b
     scheduler = schedulers.SchedulerConfig.from_diffusers(weights.read_config(folder / "scheduler",
                                                                               "scheduler_config.json"))
     model = StableDiffusion(unet, vae, text, scheduler, folder, str(path_or_id))
-    return model, {"unet": unet_params, "vae": vae_params, "text": text_params}, Tokenizer.from_folder(folder)
+    params = jax.device_put({"unet": unet_params, "vae": vae_params, "text": text_params})
+    return model, params, Tokenizer.from_folder(folder)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,8 +82,9 @@ def augmented_batch(image: np.ndarray, *, size: int, batch_size: int, rng: np.ra
     return batch
 
 
-def concept_embedding(e, trainable, image_pixels: np.ndarray) -> np.ndarray:
-    """``v* = v_class + s * E(x)`` from the clean image (latent at t = 0), ``[D]`` float32."""
+def concept_embedder(e):
+    """A compiled ``(trainable, pixels [H, W, 3]) -> v*`` for ``e``: ``v_class + s * E(x)``
+    from the clean image (latent at t = 0), ``[D]`` float32. Build it once, call it often."""
     import jax
     import jax.numpy as jnp
 
@@ -98,7 +99,12 @@ def concept_embedding(e, trainable, image_pixels: np.ndarray) -> np.ndarray:
         offset = encode_concept(e.model, trainable, frozen, unet_params, pixels, latents, jnp.zeros((1,), jnp.int32))
         return frozen["class_embedding"] + e.model.encoder_config.embedding_scale * offset[0]
 
-    return np.asarray(run(trainable, e.frozen, image_pixels[None]))
+    return lambda trainable, pixels: np.asarray(run(trainable, e.frozen, pixels[None]))
+
+
+def concept_embedding(e, trainable, image_pixels: np.ndarray) -> np.ndarray:
+    """``v*`` of one clean image ``[H, W, 3]`` in [-1, 1] (see :func:`concept_embedder`)."""
+    return concept_embedder(e)(trainable, image_pixels)
 
 
 def image_features(e, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -191,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     loss_before = float(evaluate(state.params, frozen, first, jax.random.PRNGKey(1))[0])
     bar = tqdm(range(args.steps), desc="personalizing", unit="step")
+    batch = first
     for i in bar:
-        state, metrics = step(state, frozen, first if i == 0 else batch_at())
+        state, metrics = step(state, frozen, batch)
+        batch = batch_at() if i + 1 < args.steps else None  # augment on the host while the step runs
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
     loss_after = float(evaluate(state.params, frozen, first, jax.random.PRNGKey(1))[0])
     timings["tune"] = time.perf_counter() - start

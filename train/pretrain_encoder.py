@@ -134,23 +134,39 @@ class Metrics:
             self.lines.close()
 
 
-def write_sample(e, params, image: np.ndarray, size: int, path: Path, seed: int) -> None:
-    """A grid: the held-out image, then 3 prompts with ``S*`` from the current encoder."""
-    from PIL import Image
+class SampleWriter:
+    """Grids of the held-out image and 3 prompts with ``S*`` from the current encoder.
 
-    from e4t_jax import pipeline
-    from e4t_jax.training.data import center_crop_resize
-    from infer.personalize import concept_embedding
+    The embedding function and the sampling program are compiled once, on the first grid.
+    """
 
-    pixels = center_crop_resize(image, size)
-    concept = pipeline.Concept(e.model.placeholder_id, concept_embedding(e, params, pixels), params["offsets"],
-                               e.model.offsets.kind)
-    prompts = [t.format(e.placeholder) for t in ("a photo of {}", "an oil painting of {}", "{} on the beach")]
-    images = pipeline.Generator(e.sd)(e.base_params, e.tokenizer.encode(prompts), e.tokenizer.encode([""] * 3),
-                                      seed=seed, num_steps=20, concepts=(concept,))
-    grid = pipeline.image_grid(pipeline.to_uint8(np.concatenate([(pixels[None] + 1) / 2, images])))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    PROMPTS = ("a photo of {}", "an oil painting of {}", "{} on the beach")
+
+    def __init__(self, e, image: np.ndarray, size: int, seed: int):
+        from e4t_jax import pipeline
+        from e4t_jax.training.data import center_crop_resize
+        from infer.personalize import concept_embedder
+
+        self.e, self.seed = e, seed
+        self.pixels = center_crop_resize(image, size)
+        self.embed = concept_embedder(e)
+        self.generator = pipeline.Generator(e.sd)
+        prompts = [t.format(e.placeholder) for t in self.PROMPTS]
+        self.ids, self.uncond = e.tokenizer.encode(prompts), e.tokenizer.encode([""] * len(prompts))
+
+    def __call__(self, params, path: Path) -> None:
+        from PIL import Image
+
+        from e4t_jax import pipeline
+
+        e = self.e
+        concept = pipeline.Concept(e.model.placeholder_id, self.embed(params, self.pixels), params["offsets"],
+                                   e.model.offsets.kind)
+        images = self.generator(e.base_params, self.ids, self.uncond, seed=self.seed, num_steps=20,
+                                concepts=(concept,))
+        grid = pipeline.image_grid(pipeline.to_uint8(np.concatenate([(self.pixels[None] + 1) / 2, images])))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
 
 
 @cli.main_wrapper
@@ -212,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if first_step >= args.steps:
         log.info("already at step %d >= --steps %d", first_step, args.steps)
     metrics_log = Metrics(args.out, jax.process_index() == 0)
-    held_out = load_image(list_images(args.data)[0]) if args.sample_every else None
+    write_sample = (SampleWriter(e, load_image(list_images(args.data)[0]), size, args.seed)
+                    if args.sample_every and jax.process_index() == 0 else None)
     crash_after = int(os.environ.get("E4T_CRASH_AFTER_STEP", "0"))  # fault injection for the resume test
 
     bar = tqdm(range(first_step, args.steps), initial=first_step, total=args.steps, desc="pre-training",
@@ -238,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             values["batch"] = batch_fingerprint(batch["pixels"])
             metrics_log.write(done, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
-        if checkpoint.save(manager, done, train_state=state, data_state=dataset_state(dataset), config=run_config,
-                           force=done == args.steps):
+        if manager.should_save(done) or done == args.steps:  # the iterator state is gathered only then
+            checkpoint.save(manager, done, train_state=state, data_state=dataset_state(dataset), config=run_config,
+                            force=True)
             last_good = done
-        if args.sample_every and done % args.sample_every == 0 and jax.process_index() == 0:
-            write_sample(e, jax.device_get(state.params), held_out, size, args.out / "samples" / f"{done:07d}.png",
-                         args.seed)
+        if write_sample is not None and done % args.sample_every == 0:
+            write_sample(jax.device_get(state.params), args.out / "samples" / f"{done:07d}.png")
         if crash_after and done == crash_after:
             manager.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -32,10 +32,9 @@ from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.embedding import encode_text
 from e4t_jax.e4t.encoder import clip_class_tokens, pool_features
 from e4t_jax.e4t.losses import diffusion_loss, downsample_mask, embedding_regularization
+from e4t_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 PyTree = Any
-CLIP_MEAN = jnp.array([0.48145466, 0.4578275, 0.40821073])
-CLIP_STD = jnp.array([0.26862954, 0.26130258, 0.27577711])
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -90,7 +89,7 @@ def clip_pixels(pixels: jax.Array, size: int) -> jax.Array:
     """
     x = (pixels.astype(jnp.float32) + 1.0) / 2.0
     x = jax.image.resize(x, (x.shape[0], size, size, 3), method="bicubic", antialias=True)
-    return (x - CLIP_MEAN) / CLIP_STD
+    return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
 
 
 def per_example_noise(key: jax.Array, index: jax.Array, latent_shape: tuple[int, ...],
