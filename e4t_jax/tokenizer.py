@@ -108,16 +108,17 @@ def build_tiny_vocab(words: Sequence[str] = TINY_WORDS) -> tuple[dict[str, int],
 TINY_VOCAB_SIZE = len(build_tiny_vocab()[0])
 
 
-def make_tiny_tokenizer_files(out_dir: str | os.PathLike) -> Path:
+def make_tiny_tokenizer_files(out_dir: str | os.PathLike, words: Sequence[str] = TINY_WORDS) -> Path:
     """Write a tiny CLIP tokenizer that ``CLIPTokenizer.from_pretrained(out_dir)`` loads.
 
     Files: ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
     ``special_tokens_map.json``. Pad token is ``<|endoftext|>`` (as in SD 1.x),
-    ``model_max_length`` 77, vocabulary size :data:`TINY_VOCAB_SIZE`. Returns the folder.
+    ``model_max_length`` 77; each of ``words`` is one token. With the default words the
+    vocabulary size is :data:`TINY_VOCAB_SIZE`. Returns the folder.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_tiny_vocab()
+    vocab, merges = build_tiny_vocab(words)
     specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
                 "pad_token": EOS_TOKEN}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

@@ -225,6 +225,20 @@ def save_safetensors(params: PyTree, path: str | os.PathLike, *, prefix: str = "
     save_file(params_to_state_dict(params, prefix=prefix), str(path), metadata=metadata)
 
 
+def save_pytree(tree: PyTree, path: str | os.PathLike) -> None:
+    """Writes a nested dict of arrays as safetensors, keys joined by ``/`` (no layout change)."""
+    from safetensors.numpy import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path))
+
+
+def load_pytree(path: str | os.PathLike) -> PyTree:
+    """Reads a file written by :func:`save_pytree` back into a nested dict of numpy arrays."""
+    return traverse_util.unflatten_dict(read_safetensors(path), sep="/")
+
+
 def resolve_model(path_or_id: str | os.PathLike) -> Path:
     """A local model folder, or a Hugging Face Hub model id resolved to a local snapshot.
 

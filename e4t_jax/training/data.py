@@ -298,13 +298,15 @@ class _Example:
     crop_scale: tuple[float, float]
     flip: bool
     prompts: tuple[str, ...]
+    captions: dict[str, str] | None = None
 
     def __call__(self, key: Any, rng: np.random.Generator) -> dict[str, Any]:
         image = self.read(key)
         if image is None:
             return {"unreadable": self.read.describe(key)}
         pixels = augment(image, rng, self.size, crop_scale=self.crop_scale, flip=self.flip)
-        return {"pixels": pixels, "prompt": self.prompts[int(rng.integers(len(self.prompts)))]}
+        prompt = self.prompts[int(rng.integers(len(self.prompts)))]
+        return {"pixels": pixels, "prompt": prompt if self.captions is None else self.captions[key]}
 
 
 @dataclasses.dataclass
@@ -328,6 +330,24 @@ class _KeepReadable:
         return False
 
 
+def read_captions(paths: Sequence[str | os.PathLike], placeholder: str) -> dict[str, str]:
+    """Each image's sidecar caption (``NAME.txt`` beside ``NAME.png``), placeholder filled in.
+
+    A caption is one line with ``{}`` where the placeholder goes, like a template.
+
+    Raises:
+      FileNotFoundError / ValueError: naming the first image without a usable caption.
+    """
+    captions = {}
+    for path in paths:
+        sidecar = Path(path).with_suffix(".txt")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{path} has no caption file {sidecar.name}; --captions needs one per image")
+        text = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+        captions[str(path)] = _check_templates([text], f"caption {sidecar}")[0].replace("{}", placeholder)
+    return captions
+
+
 def make_dataset(
     root: str | os.PathLike | None = None,
     *,
@@ -346,6 +366,7 @@ def make_dataset(
     workers: int = 0,
     hf_dataset: RandomAccessImages | None = None,
     stats: SkipStats | None = None,
+    captions: bool = False,
 ) -> grain.DatasetIterator:
     """A resumable iterator of augmented batches from this host's shard of the images.
 
@@ -369,6 +390,8 @@ def make_dataset(
         ``datasets`` package is not needed otherwise). Index ``i`` belongs to shard
         ``i % shard_count``; unreadable items are reported as ``hf_dataset[i]``.
       stats: records unreadable inputs; defaults to the module's ``skip_stats``.
+      captions: prompts from each image's sidecar caption (:func:`read_captions`)
+        instead of ``templates``; image folders only.
 
     Returns:
       A grain ``DatasetIterator`` yielding ``{"pixels": float32 [B, size, size, 3],
@@ -388,11 +411,14 @@ def make_dataset(
         read = _ReadFile(load_size)
     else:
         raise ValueError("make_dataset needs an image folder (root) or an hf_dataset")
+    if captions and hf_dataset is not None:
+        raise ValueError("captions are read from sidecar files: pass an image folder, not an hf_dataset")
+    caption_of = read_captions([keys[i] for i in range(len(keys))], placeholder) if captions else None
     if len(keys) == 0:
         raise FileNotFoundError(f"shard {shard_index} of {shard_count} holds no image: fewer images than shards")
     shard_seed = _shard_seed(seed, shard_index)
     examples = (keys.shuffle(seed=shard_seed).repeat(num_epochs)
-                .random_map(_Example(read, size, tuple(crop_scale), flip, prompts), seed=shard_seed))
+                .random_map(_Example(read, size, tuple(crop_scale), flip, prompts, caption_of), seed=shard_seed))
     dataset = examples.to_iter_dataset(grain.ReadOptions(
         num_threads=read_threads, prefetch_buffer_size=max(prefetch * batch_size, read_threads, 1)))
     if workers > 0:

@@ -1,0 +1,71 @@
+"""The text-to-image diffusion objective of a Stable Diffusion model, as a pure function.
+
+What trains a base model from scratch, fine-tunes it (DreamBooth) or learns a word
+embedding (Textual Inversion) is this one loss with different trainable pytrees.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from e4t_jax import schedulers
+
+PyTree = Any
+
+
+def noise_for_examples(key: jax.Array, index: jax.Array, latent_shape: tuple[int, ...],
+                       num_train_timesteps: int) -> tuple[jax.Array, jax.Array]:
+    """Noise ``[B, h, w, c]`` and timesteps ``[B]`` drawn from ``fold_in(key, index[i])``.
+
+    Drawing per global example index makes an update independent of how the batch is
+    split over devices or hosts.
+    """
+    def draw(i):
+        k_noise, k_t = jax.random.split(jax.random.fold_in(key, i))
+        return (jax.random.normal(k_noise, latent_shape, jnp.float32),
+                jax.random.randint(k_t, (), 0, num_train_timesteps))
+    return jax.vmap(draw)(index)
+
+
+def encode_latents(sd, vae_params: PyTree, pixels: jax.Array) -> jax.Array:
+    """``[B, H, W, 3]`` in [-1, 1] -> scaled latents ``[B, h, w, c]`` (the posterior mean)."""
+    mean, _ = sd.vae.apply({"params": vae_params}, pixels, method=sd.vae.encode)
+    cfg = sd.vae.config
+    return jax.lax.stop_gradient((mean.astype(jnp.float32) - (cfg.shift_factor or 0.0)) * cfg.scaling_factor)
+
+
+def text_to_image_loss(params: PyTree, frozen: PyTree, batch: dict, key: jax.Array, *, sd,
+                       encode_text: Callable[[PyTree, jax.Array], jax.Array] | None = None,
+                       reduce: bool = True) -> tuple[jax.Array, dict]:
+    """Mean squared error of the U-Net's prediction (epsilon or v, per the scheduler).
+
+    Args:
+      params, frozen: two halves of ``{"unet", "text", "vae"}`` (which half trains is
+        the caller's choice); ``params`` wins where both hold a key.
+      batch: ``pixels`` ``[B, H, W, 3]`` in [-1, 1], ``input_ids`` ``[B, 77]`` int32,
+        ``index`` ``[B]`` int32 global example indices.
+      key: this step's RNG key.
+      sd: the static :class:`e4t_jax.pipeline.StableDiffusion`.
+      encode_text: ``(text_params, input_ids) -> [B, 77, D]``; default: the text
+        encoder's last hidden state. Textual Inversion passes one that injects its
+        learned embedding.
+      reduce: False returns the per-example loss ``[B]`` instead of the mean.
+
+    Returns:
+      ``(loss, {"loss": mean loss})``.
+    """
+    merged = {**frozen, **params}
+    latents = encode_latents(sd, merged["vae"], batch["pixels"])
+    noise, t = noise_for_examples(key, batch["index"], latents.shape[1:], sd.scheduler.num_train_timesteps)
+    noisy = schedulers.add_noise(sd.scheduler, latents, noise, t)
+    if encode_text is None:
+        context = sd.text.apply({"params": merged["text"]}, batch["input_ids"]).last_hidden_state
+    else:
+        context = encode_text(merged["text"], batch["input_ids"])
+    prediction = sd.unet.apply({"params": merged["unet"]}, noisy, t, context).astype(jnp.float32)
+    target = schedulers.training_target(sd.scheduler, latents, noise, t)
+    per_example = jnp.mean(jnp.square(prediction - target), axis=(1, 2, 3))
+    loss = jnp.mean(per_example)
+    return (loss if reduce else per_example), {"loss": loss}
