@@ -103,21 +103,28 @@ def random_attributes(rng: np.random.Generator) -> Attributes:
                       int(rng.integers(CANVAS - size + 1)))
 
 
-def render(glyph: np.ndarray, attributes: Attributes) -> np.ndarray:
-    """Draws one digit.
+def ink(glyph: np.ndarray, attributes: Attributes) -> np.ndarray:
+    """The digit's ink on the canvas: float32 ``[CANVAS, CANVAS]`` in [0, 1].
 
-    The 8x8 glyph (``[8, 8]`` in [0, 1], ink = 1) is resized bilinearly to
-    ``size x size`` and used as the alpha of the digit colour over the background.
+    The 8x8 glyph (``[8, 8]`` in [0, 1], ink = 1) resized bilinearly to
+    ``size x size`` and placed at the attributes' row and column.
+    """
+    size = attributes.size
+    glyph_image = Image.fromarray((np.clip(glyph, 0, 1) * 255).astype(np.uint8))
+    alpha = np.zeros((CANVAS, CANVAS), np.float32)
+    top, left = attributes.row, attributes.column()
+    alpha[top:top + size, left:left + size] = np.asarray(
+        glyph_image.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
+    return alpha
+
+
+def render(glyph: np.ndarray, attributes: Attributes) -> np.ndarray:
+    """Draws one digit: its :func:`ink` as the alpha of the digit colour over the background.
 
     Returns:
       ``uint8 [CANVAS, CANVAS, 3]``.
     """
-    size = attributes.size
-    ink = Image.fromarray((np.clip(glyph, 0, 1) * 255).astype(np.uint8))
-    alpha = np.zeros((CANVAS, CANVAS), np.float32)
-    top, left = attributes.row, attributes.column()
-    alpha[top:top + size, left:left + size] = np.asarray(
-        ink.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
+    alpha = ink(glyph, attributes)
     fg = np.asarray(COLORS[attributes.color], np.float32)
     bg = np.asarray(COLORS[attributes.background], np.float32)
     image = bg * (1 - alpha[..., None]) + fg * alpha[..., None]
