@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         base = weights.load_pytree(out / "base" / "final.safetensors")
         params = {"unet": base["unet"], "text": base["text"],
                   "vae": weights.load_pytree(out / "vae" / "final.safetensors"),
-                  "vision": weights.load_pytree(out / "vision" / "final.safetensors")}
+                  "vision": weights.load_pytree(out / "vision" / "final.safetensors")["vision"]}
         scale = json.loads((out / "vae" / "scaling_factor.json").read_text())["scaling_factor"]
         print(f"wrote the digits model to {digits_recipe.write_model(out / 'model', params, scale)}")
     return 0
