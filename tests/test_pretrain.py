@@ -27,7 +27,7 @@ def image_folder(tmp_path_factory):
 def _pretrain(tiny_model_dir, image_folder, out, *extra, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     argv = [sys.executable, "-m", "train.pretrain_encoder", "--model", str(tiny_model_dir), "--data", str(image_folder),
-            "--domain-word", "face", "--steps", "6", "--batch-size", "2", "--lr", "1e-3", "--width", "32",
+            "--domain-word", "face", "--steps", "6", "--batch-size", "2", "--lr", "1e-3", "--head-width", "32",
             "--save-every", "3", "--log-every", "1", "--out", str(out), *extra]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
 
@@ -54,10 +54,10 @@ def test_cli_end_to_end(uninterrupted, tiny_model_dir):
     metrics = _metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["loss"]) for m in metrics.values())
 
-    from e4t_jax.e4t import model as model_lib
+    from e4t_jax.e4t.pretrained import load_pretrained
 
-    e = model_lib.load_pretrained(tiny_model_dir, out / "encoder")
-    assert e.domain_word == "face" and e.model.encoder_config.hidden_dim == 32
+    e = load_pretrained(tiny_model_dir, out / "encoder")
+    assert e.config.model.domain_word == "face" and e.config.encoder.hidden_dim == 32
 
 
 def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tiny_model_dir, image_folder, tmp_path):
@@ -74,7 +74,7 @@ def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tiny_model_dir
 
     expected, got = _metrics(full), _metrics(out)
     assert [got[s]["batch"] for s in (4, 5, 6)] == [expected[s]["batch"] for s in (4, 5, 6)]  # same data order
-    from e4t_jax.training.checkpoint import load_encoder
+    from e4t_jax.files import load_encoder
 
     head_a, offsets_a, _ = load_encoder(full / "encoder", expected=None)
     head_b, offsets_b, _ = load_encoder(out / "encoder", expected=None)
