@@ -46,6 +46,24 @@ class VisionBackbone(Protocol):
         """``[B, H, W, 3]`` in [-1, 1] -> (``[B, num_layers, width]``, ``[B, width]``), float32."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """Any function as a :class:`VisionBackbone`.
+
+    Attributes:
+      fn: ``fn(params, pixels) -> (layers [B, num_layers, width], pooled [B, width])``.
+      num_layers, width: the shapes ``fn`` returns.
+    """
+
+    fn: Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]]
+    num_layers: int
+    width: int
+
+    def __call__(self, params: PyTree, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        layers, pooled = self.fn(params, pixels)
+        return layers.astype(jnp.float32), pooled.astype(jnp.float32)
+
+
 def resize_and_normalize(pixels: jax.Array, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
     """``[B, H, W, 3]`` in [-1, 1] -> ``[B, size, size, 3]`` float32, ``(x - mean) / std`` of [0, 1] pixels.
 
