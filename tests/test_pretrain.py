@@ -93,3 +93,30 @@ def test_missing_data_folder_is_one_clear_error(tiny_model_dir, tmp_path, capsys
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_an_encoder_folder_of_version_0_1_loads(uninterrupted, tiny_model_dir, tmp_path):
+    """The layout e4t-jax 0.1 wrote: flat config keys, clip_-named encoder fields and head params."""
+    import jax
+
+    from e4t_jax import files
+    from e4t_jax.e4t.pretrained import load_pretrained
+
+    out, _ = uninterrupted
+    head, offsets, config = files.load_encoder(out / "encoder", expected=None)
+    tree = config["e4t"]
+    encoder = {{"layer_stride": "clip_layer_stride", "vision_dim": "clip_dim"}.get(k, k): v
+               for k, v in tree["encoder"].items() if k != "vision"}
+    old_config = {"base_model": config["base_model"], "model_id": config["model_id"], "clip_vision": "image_encoder",
+                  "domain_word": tree["model"]["domain_word"], "placeholder": tree["model"]["placeholder"],
+                  "encoder": encoder, "offsets": tree["offsets"], "lambda_emb": tree["loss"]["lambda_emb"],
+                  "lambda_w": tree["loss"]["lambda_w"], "e4t_jax_version": "0.1.0", "pretrained_steps": 6}
+    old_head = {k.replace("vision_proj_", "clip_proj_"): v for k, v in head.items()}
+    files.export_encoder(tmp_path / "old", encoder_params=jax.device_get(old_head),
+                         offsets=jax.device_get(offsets), config=old_config)
+
+    new, old = load_pretrained(tiny_model_dir, out / "encoder"), load_pretrained(tiny_model_dir, tmp_path / "old")
+    assert old.config == new.config
+    assert jax.tree.structure(old.params) == jax.tree.structure(new.params)
+    for a, b in zip(jax.tree.leaves(old.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -7,7 +7,8 @@ the head params and the weight offsets, and a JSON config::
      "e4t_jax_version": ..., "pretrained_steps": ...}
 
 Loading parses ``e4t`` strictly (:func:`e4t_jax.config.from_dict`) and checks
-``base_model`` against the model it is loaded for.
+``base_model`` against the model it is loaded for. Folders written by e4t-jax 0.1 (flat
+config keys, ``clip_``-named head fields and params) are read too.
 """
 from __future__ import annotations
 
@@ -49,13 +50,29 @@ def export_encoder(e: E4T, directory: str | os.PathLike, params: E4TParams | Non
                          config=encoder_config(e, **extra), overwrite=True)
 
 
+# e4t-jax 0.1 encoder folders: renamed encoder fields, and the head's per-layer projections.
+_V1_ENCODER_FIELDS = {"clip_layer_stride": "layer_stride", "clip_dim": "vision_dim"}
+_V1_HEAD_PREFIX = ("clip_proj_", "vision_proj_")
+
+
+def _config_tree(raw: dict[str, Any]) -> Any:
+    """The ``E4TConfig`` dict of an encoder config, also from the flat layout of e4t-jax 0.1."""
+    if "e4t" in raw:
+        return raw["e4t"]
+    source = raw["clip_vision"]
+    return {"model": {"base": raw["model_id"], "vision_source": None if source == "image_encoder" else source,
+                      "domain_word": raw["domain_word"], "placeholder": raw["placeholder"]},
+            "encoder": {_V1_ENCODER_FIELDS.get(k, k): v for k, v in raw["encoder"].items()},
+            "offsets": raw["offsets"], "loss": {"lambda_emb": raw["lambda_emb"], "lambda_w": raw["lambda_w"]}}
+
+
 def read_config(encoder_dir: str | os.PathLike) -> tuple[E4TConfig, dict[str, Any]]:
     """``(config, raw JSON)`` of an encoder folder; a :class:`UserError` if it is foreign."""
     raw = files.read_encoder_config(encoder_dir)
     try:
-        return config_lib.from_dict(E4TConfig, raw.get("e4t"), "encoder config"), raw
-    except ValueError as error:
-        raise UserError(f"{encoder_dir} is not an encoder this version can read: {error}") from error
+        return config_lib.from_dict(E4TConfig, _config_tree(raw), "encoder config"), raw
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{encoder_dir} is not an encoder this version can read: {error!r}") from error
 
 
 def load_pretrained(model_id: str | os.PathLike, encoder_dir: str | os.PathLike, *,
@@ -80,6 +97,8 @@ def load_pretrained(model_id: str | os.PathLike, encoder_dir: str | os.PathLike,
         head, offsets, _ = files.load_encoder(encoder_dir, expected=model_identity(model.sd))
     except ValueError as error:
         raise UserError(str(error)) from error
+    old, new = _V1_HEAD_PREFIX
+    head = {name.replace(old, new, 1) if name.startswith(old) else name: value for name, value in head.items()}
     return E4T(model, frozen, E4TParams(head=head, offsets=offsets), tokenizer)
 
 
