@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from e4t_jax.e4t.losses import LossConfig
+from e4t_jax.training.config import OptimizerConfig
 from e4t_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 
@@ -126,8 +128,8 @@ class TorchE4T(nn.Module):
     """Frozen base model + trainable head and offsets; :meth:`loss` is E4T's objective."""
 
     def __init__(self, folder: str | Path, encoder: dict, trainable: dict[str, np.ndarray], *,
-                 placeholder: str = "S*", domain_word: str = "face", lambda_emb: float = 0.01,
-                 lambda_w: float = 1e-4):
+                 placeholder: str = "S*", domain_word: str = "face", lambda_emb: float = LossConfig.lambda_emb,
+                 lambda_w: float = LossConfig.lambda_w):
         """Loads and freezes ``unet/``, ``vae/``, ``text_encoder/``, ``image_encoder/`` of a
         diffusers model folder (plus ``tokenizer/``, ``scheduler/``).
 
@@ -264,12 +266,13 @@ class TorchE4T(nn.Module):
         noise = torch.randn(shape, generator=generator)
         return noise, torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator)
 
-    def make_optimizer(self, lr: float, weight_decay: float = 1e-2) -> torch.optim.AdamW:
+    def make_optimizer(self, lr: float, weight_decay: float = OptimizerConfig.weight_decay) -> torch.optim.AdamW:
         """AdamW on the head and offsets only, as ``e4t_jax.training.steps.make_optimizer``'s defaults."""
         return torch.optim.AdamW(self.trainable_parameters(), lr=lr, weight_decay=weight_decay)
 
     def train_step(self, optimizer: torch.optim.Optimizer, pixels: torch.Tensor, input_ids: torch.Tensor,
-                   noise: torch.Tensor, timesteps: torch.Tensor, clip_norm: float = 1.0) -> dict[str, float]:
+                   noise: torch.Tensor, timesteps: torch.Tensor,
+                   clip_norm: float = OptimizerConfig.clip_norm) -> dict[str, float]:
         """Forward, backward, global-norm clipping and one AdamW update."""
         optimizer.zero_grad(set_to_none=True)
         loss, metrics = self.loss(pixels, input_ids, noise, timesteps)

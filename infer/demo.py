@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, optimizer=OptimizerConfig(lr=1e-3))
     personalize_file("tiny", encoder, photo, concept, train=train, preview_prompts=())
     log.info("[3/3] generating with the concept")
-    generate_files("tiny", PROMPTS, args.out / "images", concepts=[concept], steps=20)
+    generate_files("tiny", PROMPTS, args.out / "images", concepts=[concept], num_steps=20)
     log.info("done in %.0fs: %s", time.perf_counter() - start, args.out / "images" / "grid.png")
     return 0
 

@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime.enable_compilation_cache(args.cache_dir)
     generate_files(args.model, args.prompt, args.out, concepts=args.concept, negative_prompt=args.negative_prompt,
-                   num_images=args.num_images, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                   seed=args.seed, height=args.height, width=args.width, init_latents=args.init_latents,
-                   reencode=args.reencode, encoder=args.encoder, dtype=args.dtype)
+                   num_images=args.num_images, init_latents=args.init_latents, reencode=args.reencode,
+                   encoder=args.encoder, dtype=args.dtype, seed=args.seed, num_steps=args.steps,
+                   guidance=args.guidance, sampler=args.sampler, height=args.height, width=args.width)
     return 0
 
 

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip-vision", default=None, help="vision tower weights (default: the encoder's)")
     p.add_argument("--preview-prompt", action="append", default=None,
                    help="prompt for the preview grid, with {} for the placeholder (repeatable; default: 4 styles)")
-    p.add_argument("--preview-steps", type=int, default=25)
+    p.add_argument("--preview-steps", type=int, default=None, help="denoising steps of the preview (default 25)")
     p.add_argument("--no-preview", action="store_true", help="skip the preview grid")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")

@@ -27,7 +27,7 @@ from e4t_jax.e4t import vision as vision_lib
 from e4t_jax.e4t.config import E4TConfig, ModelConfig
 from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.models.clip import CLIPTextTransformer, load_clip_text
-from e4t_jax.recipes.personalize import personalize
+from e4t_jax.recipes.personalize import personalize, tuned_concept
 from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
 HEAD = EncoderConfig(vision_dim=16, unet_dim=16, hidden_dim=16)
@@ -39,11 +39,6 @@ def sampler(e):
     generator = pipeline.Generator(e.sd)
     ids, uncond = e.tokenizer.encode(["a photo of S*"]), e.tokenizer.encode([""])
     return lambda hooks: generator(e.frozen.base, ids, uncond, num_steps=3, hooks=hooks)
-
-
-def tuned_concept(e, result):
-    return concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, result.embedding,
-                               result.params.offsets, e.config, header={}, image=result.image)
 
 
 # ---------------------------------------------------------------------------- offset kind

@@ -30,8 +30,10 @@ REQUIRED_WITHOUT_PRESET = ("model", "domain_word", "steps", "batch_size", "lr")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from e4t_jax.recipes.pretrain import PRESETS, RunOptions
+
     p = argparse.ArgumentParser(prog="e4t-pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default=None, help="defaults for the options below: sd15-faces or tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for the options below")
     p.add_argument("--model", help="model folder, Hugging Face id, or preset 'tiny' / 'medium'")
     p.add_argument("--clip-vision", help="vision tower weights (default: MODEL/image_encoder)")
     p.add_argument("--data", type=Path, required=True, help="image folder (recursive: jpg, png, webp, bmp)")
@@ -47,16 +49,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip-norm", type=float, default=None, help="gradient clipping (global norm)")
     p.add_argument("--size", type=int, default=None, help="training resolution (default: the model's)")
     p.add_argument("--remat", action="store_true", help="recompute U-Net blocks in the backward pass (less memory)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=RunOptions.dtype, help="compute dtype")
     p.add_argument("--devices-per-host", type=int, default=None, help="use only this many local devices")
-    p.add_argument("--fsdp", type=int, default=1, help="devices per fsdp group (shards large frozen params)")
+    p.add_argument("--fsdp", type=int, default=RunOptions.fsdp,
+                   help="devices per fsdp group (shards large frozen params)")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: off)")
+    p.add_argument("--log-every", type=int, default=RunOptions.log_every)
+    p.add_argument("--save-every", type=int, default=RunOptions.save_every)
+    p.add_argument("--keep", type=int, default=RunOptions.keep, help="checkpoints to keep")
+    p.add_argument("--sample-every", type=int, default=RunOptions.sample_every,
+                   help="write a sample grid every N steps (0: off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--cache-dir", type=Path, default=None, help="persistent compilation cache folder")
@@ -77,8 +81,6 @@ def build_config(args: argparse.Namespace):
     """The run's :class:`e4t_jax.recipes.pretrain.PretrainConfig`: the preset, then the flags."""
     from e4t_jax.recipes.pretrain import PRESETS, PretrainConfig
 
-    if args.preset is not None and args.preset not in PRESETS:
-        raise UserError(f"unknown --preset {args.preset}; choose one of {', '.join(sorted(PRESETS))}")
     config = PRESETS[args.preset] if args.preset else PretrainConfig()
     e4t, train = config.e4t, config.train
     width = args.head_width

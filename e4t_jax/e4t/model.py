@@ -30,6 +30,7 @@ from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t import vision as vision_lib
 from e4t_jax.e4t.config import E4TConfig
 from e4t_jax.e4t.encoder import EncoderHead, pool_features
+from e4t_jax.errors import UserError
 from e4t_jax.models.vae import encode_to_latents
 from e4t_jax.tokenizer import Tokenizer
 
@@ -280,11 +281,17 @@ def load_parts(config: E4TConfig, *, dtype: Any = jnp.float32,
 
     Returns:
       ``(model, frozen, tokenizer)``.
+
+    Raises:
+      UserError: the placeholder is already a token, or the domain word is not one token.
     """
     sd, base, tokenizer = pipeline.load_model(config.model.base, dtype=dtype, remat=remat)
     backbone, vision_params = vision_lib.load(config.encoder.vision, vision_folder(sd, config.model.vision_source),
                                               dtype)
-    token_id, word_id = tokenizer.add_placeholder(config.model.placeholder, config.model.domain_word)
+    try:
+        token_id, word_id = tokenizer.add_placeholder(config.model.placeholder, config.model.domain_word)
+    except ValueError as error:  # the placeholder is a word, or the domain word is not one token
+        raise UserError(str(error)) from error
     config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, text_dim=sd.text_dim))
     model = E4TModel(sd, EncoderHead(config.encoder), config, token_id, backbone)
     return model, frozen_params(model, base, vision_params, tokenizer, word_id), tokenizer

@@ -56,18 +56,19 @@ def read_latents(path: str | os.PathLike) -> np.ndarray:
 
 def generate_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os.PathLike, *,
                    concepts: Sequence[str | os.PathLike] = (), negative_prompt: str = "", num_images: int = 1,
-                   steps: int = 25, guidance: float = 7.5, sampler: str = "ddim", seed: int = 0,
-                   height: int | None = None, width: int | None = None,
                    init_latents: str | os.PathLike | None = None, reencode: bool = False,
-                   encoder: str | os.PathLike | None = None, dtype: str = "float32") -> list[Path]:
+                   encoder: str | os.PathLike | None = None, dtype: str = "float32", seed: int = 0,
+                   **sampling) -> list[Path]:
     """Samples ``num_images`` per prompt and writes them (:func:`e4t_jax.pipeline.save_images`).
 
     Args:
       model: the base model; ``concepts``: concept files for it (each prompt must name
         at least one of their placeholders).
-      height, width: image size in pixels (default: the model's).
       init_latents: a ``.npy`` of initial noise (:func:`read_latents`).
-      Others: as :class:`e4t_jax.pipeline.Generator` and :func:`concept_hooks`.
+      seed: the initial noise (without ``init_latents``) and the re-encoding noise.
+      sampling: ``num_steps``, ``guidance``, ``sampler``, ``height``, ``width`` of
+        :class:`e4t_jax.pipeline.Generator` (its defaults when not given).
+      Others: as :func:`concept_hooks`.
 
     Returns:
       The image paths.
@@ -92,8 +93,8 @@ def generate_files(model: str | os.PathLike, prompts: Sequence[str], out: str | 
     cond = tokenizer.encode(prompts)
     uncond = tokenizer.encode([negative_prompt] * len(prompts))
     generator = pipeline.Generator(sd)
-    kwargs = dict(seed=seed, latents=None if init_latents is None else read_latents(init_latents), height=height,
-                  width=width, num_steps=steps, guidance=guidance, sampler=sampler, hooks=hooks)
+    kwargs = dict(seed=seed, latents=None if init_latents is None else read_latents(init_latents), hooks=hooks,
+                  **sampling)
     try:
         start = time.perf_counter()
         generator.compile(params, cond, uncond, **kwargs)

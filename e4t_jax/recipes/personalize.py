@@ -120,10 +120,10 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig = TrainC
                         timings=timings)
 
 
-def concept(e: model_lib.E4T, result: Personalized) -> concept_lib.Concept:
-    """The tuned concept, as if loaded from its file (for sampling right away)."""
+def tuned_concept(e: model_lib.E4T, result: Personalized) -> concept_lib.Concept:
+    """The tuned concept, as if loaded from its file (for sampling right away, or re-encoding)."""
     return concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, result.embedding,
-                               result.params.offsets, e.config, header={})
+                               result.params.offsets, e.config, header={}, image=result.image)
 
 
 def save(path: str | os.PathLike, e: model_lib.E4T, result: Personalized, *, save_encoder: bool = False,
@@ -147,7 +147,7 @@ def preview(e: model_lib.E4T, result: Personalized, image: np.ndarray, prompts: 
     """A uint8 grid: the input image, then one sample per prompt (with the placeholder)."""
     generator = pipeline.Generator(e.sd)
     images = generator(e.frozen.base, e.tokenizer.encode(prompts), e.tokenizer.encode([""] * len(prompts)),
-                       seed=seed, num_steps=steps_count, hooks=concept(e, result).hooks())
+                       seed=seed, num_steps=steps_count, hooks=tuned_concept(e, result).hooks())
     photo = (data.center_crop_resize(image, e.sd.image_size)[None] + 1) / 2
     return pipeline.image_grid(pipeline.to_uint8(np.concatenate([photo, images])))
 
@@ -156,7 +156,7 @@ def personalize_file(model: str, encoder: str | os.PathLike, image_path: str | o
                      out: str | os.PathLike, *, train: TrainConfig = TrainConfig(),
                      tune_encoder: bool = True, save_encoder: bool = False, mask_path: str | os.PathLike | None = None,
                      placeholder: str | None = None, vision_source: str | None = None,
-                     preview_prompts: Sequence[str] | None = None, preview_steps: int = 25,
+                     preview_prompts: Sequence[str] | None = None, preview_steps: int | None = None,
                      dtype: str = "float32") -> dict[str, float]:
     """Image file -> concept file (+ ``out`` with ``.png``: a preview grid), logging progress.
 
@@ -165,7 +165,7 @@ def personalize_file(model: str, encoder: str | os.PathLike, image_path: str | o
       image_path, mask_path: the concept image and an optional loss mask.
       out: the concept file to write (``.safetensors``).
       preview_prompts: templates with ``{}`` for the placeholder (None: :data:`DEFAULT_PREVIEW`;
-        empty: no preview).
+        empty: no preview); ``preview_steps``: their denoising steps (None: :func:`preview`'s).
       Others: as :func:`personalize` and :func:`e4t_jax.e4t.pretrained.load_pretrained`.
 
     Returns:
@@ -200,7 +200,8 @@ def personalize_file(model: str, encoder: str | os.PathLike, image_path: str | o
         from PIL import Image
 
         start = time.perf_counter()
-        Image.fromarray(preview(e, result, image, previews, steps_count=preview_steps, seed=train.seed)).save(
+        steps_count = {} if preview_steps is None else {"steps_count": preview_steps}
+        Image.fromarray(preview(e, result, image, previews, seed=train.seed, **steps_count)).save(
             out.with_suffix(".png"))
         timings["preview"] = time.perf_counter() - start
         log.info("preview grid (input image first): %s", out.with_suffix(".png"))
