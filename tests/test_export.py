@@ -103,15 +103,19 @@ def test_full_pipeline_loads_in_diffusers(exported, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("other_base_model", "another base model"),
+    ("bad_config", "concept config.offsets.rank must be int"),
     ("not_a_concept", "not an E4T concept"),
     ("missing", "does not exist"),
 ])
 def test_bad_concept_is_one_clear_message(tiny_model_dir, tmp_path, capsys, case, message):
     concept_file = tmp_path / "concept.safetensors"
-    if case == "other_base_model":
+    if case in ("other_base_model", "bad_config"):
         sd, params, _ = pipeline.load_model(tiny_model_dir)
         tensors, header = concept_lib.read_concept(_make_concept(tmp_path / "good.safetensors", sd, params))
-        header["base_model"] = {"text_width": 768, "cross_attention_dim": 768, "unet_config_sha256": "0" * 64}
+        if case == "other_base_model":
+            header["base_model"] = {"text_width": 768, "cross_attention_dim": 768, "unet_config_sha256": "0" * 64}
+        else:
+            header["config"]["offsets"]["rank"] = "four"
         save_file(tensors, str(concept_file), metadata={"e4t": json.dumps(header)})
     elif case == "not_a_concept":
         save_file({"weight": np.ones((2, 2), np.float32)}, str(concept_file))

@@ -68,6 +68,8 @@ def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tiny_model_dir
     assert not (out / "encoder").exists()
     refused = _pretrain(tiny_model_dir, image_folder, out)
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    other_config = _pretrain(tiny_model_dir, image_folder, out, "--resume", "--offset-rank", "2")
+    assert other_config.returncode == 2 and "offsets.rank differ" in other_config.stderr
     resumed = _pretrain(tiny_model_dir, image_folder, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 3" in resumed.stderr

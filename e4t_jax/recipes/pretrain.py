@@ -98,7 +98,8 @@ def check(config: PretrainConfig, options: RunOptions) -> None:
     """Fails fast, before any model is loaded, on inputs that cannot work.
 
     Raises:
-      UserError: bad cadences or templates, or checkpoints in ``out`` without ``resume``.
+      UserError: bad cadences or templates, checkpoints in ``out`` without ``resume``, or
+        a resume with another config (only ``train.steps`` may change).
       FileNotFoundError: a missing or empty image folder.
     """
     if options.save_every < 1 or options.log_every < 1:
@@ -111,17 +112,17 @@ def check(config: PretrainConfig, options: RunOptions) -> None:
     except ValueError as error:
         raise UserError(str(error)) from error
     checkpoints = options.out / "checkpoints"
-    if not options.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+    if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    if not options.resume:
         raise UserError(f"{options.out} already holds checkpoints; pass --resume to continue, or another --out")
-
-
-def _check_resume(manager, config: PretrainConfig) -> None:
-    """The saved config must equal this run's, except ``train.steps``."""
+    manager = checkpoint.open_manager(checkpoints)
     saved = checkpoint.read_config(manager)
+    manager.close()
     changed = [path for path in config_lib.differences(saved, config_lib.to_dict(config)) if path != "train.steps"]
     if changed:
-        raise UserError(f"{manager.directory} was trained with another config ({', '.join(changed)} differ); "
-                        "resume with the same options, or start a new --out")
+        raise UserError(f"{checkpoints} was trained with another config ({', '.join(changed)} differ); "
+                        "resume with the same options (only --steps may change), or start a new --out")
 
 
 class SampleWriter:
@@ -197,8 +198,7 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
     manager = checkpoint.open_manager(options.out / "checkpoints", max_to_keep=options.keep,
                                       save_every=options.save_every)
-    if options.resume and manager.latest_step() is not None:
-        _check_resume(manager, config)
+    if options.resume and manager.latest_step() is not None:  # its config was checked by check()
         state, data_state, _ = checkpoint.restore(manager, abstract_state=state)
         data.restore_dataset_state(dataset, data_state)
         log.info("resumed from step %d", int(state.step))
