@@ -62,7 +62,7 @@ PRESETS = {
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """How a run executes (none of it changes what is learned, so none of it is checked on resume).
+    """How a run executes: not part of the saved config, so a resume may change it (e.g. devices).
 
     Attributes:
       out: the run folder.
