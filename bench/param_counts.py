@@ -48,7 +48,7 @@ BYTES_FP32 = 4
 
 def head_abstract_params(encoder: EncoderConfig, unet: UNetConfig, vision: CLIPVisionConfig) -> dict:
     """Shapes of the encoder head's params for this U-Net and vision tower."""
-    taps = vision.num_hidden_layers // encoder.clip_layer_stride
+    taps = vision.num_hidden_layers // encoder.layer_stride
     tokens = jax.ShapeDtypeStruct((1, taps, vision.hidden_size), jnp.float32)
     channels = list(unet.block_out_channels) + [unet.block_out_channels[-1]]  # down blocks, then mid block
     pooled = [jax.ShapeDtypeStruct((1, c), jnp.float32) for c in channels] if encoder.use_unet_branch else None
@@ -77,16 +77,16 @@ def main() -> None:
     unet_count = offsets_lib.count_params(unet)
     vision_count = offsets_lib.count_params(vision_abstract_params(VIT_H14))
     head_count = offsets_lib.count_params(head)
-    taps = VIT_H14.num_hidden_layers // encoder.clip_layer_stride
+    taps = VIT_H14.num_hidden_layers // encoder.layer_stride
 
     print("Frozen base (for scale)")
     print(f"  SD 1.5 U-Net                 {unet_count:>13,}  {megabytes(unet_count):>10} fp32")
     print(f"  CLIP ViT-H/14 vision tower   {vision_count:>13,}  {megabytes(vision_count):>10} fp32")
-    print(f"\nEncoder head (clip_dim {encoder.clip_dim}, unet_dim {encoder.unet_dim}, hidden_dim "
+    print(f"\nEncoder head (vision_dim {encoder.vision_dim}, unet_dim {encoder.unet_dim}, hidden_dim "
           f"{encoder.hidden_dim}, text_dim {encoder.text_dim}, {taps} CLIP taps)")
     rows = {}  # the CLIP taps' projections in one row; then the U-Net branch, fuse, out
     for name in sorted(head, key=lambda n: (n in ("fuse", "out"), n)):
-        label = f"{taps} x clip_proj" if name.startswith("clip_proj_") else name
+        label = f"{taps} x vision_proj" if name.startswith("vision_proj_") else name
         rows[label] = rows.get(label, 0) + offsets_lib.count_params(head[name])
     for label, count in rows.items():
         print(f"  {label:<28} {count:>13,}")

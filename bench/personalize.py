@@ -2,7 +2,7 @@
 
     python bench/personalize.py [--presets tiny medium] [--steps 15] [--batch-size 16]
 
-For each preset of :mod:`e4t_jax.tiny` (model and a random, not pre-trained ``face``
+For each preset of :mod:`e4t_jax.presets` (model and a random, not pre-trained ``face``
 domain encoder written under a temporary ``$E4T_HOME``; the astronaut photo of
 scikit-image saved as a PNG; a fresh, empty compilation cache) it runs, each in a
 fresh process:
@@ -76,26 +76,25 @@ def prepare(folder: Path, preset: str, args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from bench.torch_e4t import jax_trainables_to_torch
-    from e4t_jax import tiny
-    from e4t_jax.e4t import model as model_lib
-    from e4t_jax.training.data import load_templates
-    from infer.personalize import augmented_batch, read_image
+    from e4t_jax import config as config_lib, presets
+    from e4t_jax.e4t.pretrained import load_pretrained, preset_encoder_dir
+    from e4t_jax.training.data import augmented_batch, prompts_for, read_image, templates_for_domain
 
-    model_dir, encoder_dir = tiny.preset_dir(preset), tiny.preset_encoder_dir(preset, "face")
+    model_dir, encoder_dir = presets.preset_dir(preset), preset_encoder_dir(preset, "face")
     Image.fromarray(skimage.data.astronaut()).save(folder / "astronaut.png")
-    e = model_lib.load_pretrained(preset, encoder_dir)
-    np.savez(folder / "trainable.npz", **jax_trainables_to_torch(e.trainable))
-    (folder / "encoder.json").write_text(json.dumps(e.model.encoder_config.to_dict()))
+    e = load_pretrained(preset, encoder_dir)
+    np.savez(folder / "trainable.npz", **jax_trainables_to_torch(e.params))
+    (folder / "encoder.json").write_text(json.dumps(config_lib.to_dict(e.config.encoder)))
     # The batches e4t-personalize draws: seed 0, one call of augmented_batch per step.
     image, rng = read_image(folder / "astronaut.png"), np.random.default_rng(0)
-    size = e.sd.unet.config.sample_size * e.sd.downsample_factor
+    size = e.sd.image_size
     pixels = np.stack([augmented_batch(image, size=size, batch_size=args.batch_size, rng=rng)["pixels"]
                        for _ in range(args.steps)])
     np.save(folder / "pixels.npy", pixels)
-    templates = load_templates("face")
-    prompts = [templates[i % len(templates)].format(e.placeholder) for i in range(args.batch_size)]
+    placeholder = e.config.model.placeholder
+    prompts = prompts_for(templates_for_domain("face"), placeholder, args.batch_size)
     (folder / "prompts.json").write_text(json.dumps(prompts))
-    return {"model": str(model_dir), "encoder": str(encoder_dir), "placeholder": e.placeholder, "size": size}
+    return {"model": str(model_dir), "encoder": str(encoder_dir), "placeholder": placeholder, "size": size}
 
 
 def torch_tune(folder: Path, args: argparse.Namespace, started: float) -> dict:

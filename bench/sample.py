@@ -2,7 +2,7 @@
 
     python bench/sample.py [--presets tiny medium] [--processes 3] [--runs 3] [--torch-threads N]
 
-For each preset of :mod:`e4t_jax.tiny` it writes the model folder once, draws one set
+For each preset of :mod:`e4t_jax.presets` it writes the model folder once, draws one set
 of initial latents, then measures both frameworks on the same prompts, latents, DDIM
 steps and guidance scale:
 
@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare(folder: Path, preset: str, batch: int) -> dict:
     """Writes the preset's model to ``folder/model`` and ``[B, C, h, w]`` latents to ``folder/latents.npy``."""
-    from e4t_jax import tiny
+    from e4t_jax import presets
 
-    model_dir = tiny.write_model(folder / "model", preset)
+    model_dir = presets.write_model(folder / "model", preset)
     unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
     shape = (batch, unet_config["in_channels"], unet_config["sample_size"], unet_config["sample_size"])
     np.save(folder / "latents.npy", np.random.default_rng(0).standard_normal(shape, np.float32))

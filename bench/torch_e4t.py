@@ -1,6 +1,6 @@
 """The E4T training step in PyTorch, eager: the reference that e4t_jax is timed and checked against.
 
-Same math as :func:`e4t_jax.training.steps.e4t_loss`, built from the stock models:
+Same math as :func:`e4t_jax.e4t.model.loss`, built from the stock models:
 diffusers ``UNet2DConditionModel``, ``AutoencoderKL`` and ``DDPMScheduler``,
 transformers ``CLIPTextModel`` and ``CLIPVisionModel``, all frozen
 (``requires_grad_(False)``). What trains is the encoder head (:class:`EncoderHead`,
@@ -13,7 +13,7 @@ One loss call does, in NCHW layout:
 1. VAE posterior mean x scaling factor (no grad) -> latents;
 2. ``add_noise`` with the given noise and timesteps;
 3. CLIP vision on the resized, CLIP-normalized image (no grad): the [CLS] token of
-   every ``clip_layer_stride``-th layer;
+   every ``layer_stride``-th layer (e4t_jax's ``"clip"`` vision backbone);
 4. the U-Net's down blocks and mid block on the noisy latents with the empty-prompt
    context, read by forward hooks; a hook on ``mid_block`` stops the forward there, so
    the up path is never run;
@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from e4t_jax.e4t.losses import LossConfig
+from e4t_jax.training.config import OptimizerConfig
 from e4t_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 
@@ -50,8 +52,8 @@ class HeadConfig:
     clip_width: int
     unet_widths: tuple[int, ...]
     text_dim: int
-    clip_layer_stride: int = 2
-    clip_dim: int = 1024
+    layer_stride: int = 2
+    vision_dim: int = 1024
     unet_dim: int = 1024
     hidden_dim: int = 1024
     embedding_scale: float = 0.1
@@ -62,23 +64,23 @@ class EncoderHead(nn.Module):
     """Projections of the CLIP and U-Net branches and the fusion MLP.
 
     Attribute names are the Flax ``EncoderHead``'s submodule names, so its params map
-    one to one (``clip_proj_0.weight`` ...).
+    one to one (``vision_proj_0.weight`` ...).
     """
 
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
         for i in range(config.clip_taps):
-            setattr(self, f"clip_proj_{i}", nn.Linear(config.clip_width, config.clip_dim))
+            setattr(self, f"vision_proj_{i}", nn.Linear(config.clip_width, config.vision_dim))
         for i, width in enumerate(config.unet_widths):
             setattr(self, f"unet_proj_{i}", nn.Linear(width, config.unet_dim))
-        self.fuse = nn.Linear(config.clip_dim + config.unet_dim, config.hidden_dim)
+        self.fuse = nn.Linear(config.vision_dim + config.unet_dim, config.hidden_dim)
         self.out = nn.Linear(config.hidden_dim, config.text_dim)
 
     def forward(self, clip_tokens: torch.Tensor, unet_pooled: list[torch.Tensor]) -> torch.Tensor:
         """clip_tokens ``[B, T, Dv]``; unet_pooled list of ``[B, c_i]`` -> ``E(x)`` ``[B, text_dim]`` float32."""
         slope = self.config.negative_slope
-        clip = torch.stack([getattr(self, f"clip_proj_{i}")(clip_tokens[:, i]) for i in range(clip_tokens.shape[1])])
+        clip = torch.stack([getattr(self, f"vision_proj_{i}")(clip_tokens[:, i]) for i in range(clip_tokens.shape[1])])
         unet = torch.stack([getattr(self, f"unet_proj_{i}")(f) for i, f in enumerate(unet_pooled)])
         branches = [F.leaky_relu(clip.mean(0), slope), F.leaky_relu(unet.mean(0), slope)]
         return self.out(F.leaky_relu(self.fuse(torch.cat(branches, dim=-1)), slope))
@@ -126,13 +128,14 @@ class TorchE4T(nn.Module):
     """Frozen base model + trainable head and offsets; :meth:`loss` is E4T's objective."""
 
     def __init__(self, folder: str | Path, encoder: dict, trainable: dict[str, np.ndarray], *,
-                 placeholder: str = "S*", domain_word: str = "face", lambda_emb: float = 0.01,
-                 lambda_w: float = 1e-4):
+                 placeholder: str = "S*", domain_word: str = "face", lambda_emb: float = LossConfig.lambda_emb,
+                 lambda_w: float = LossConfig.lambda_w):
         """Loads and freezes ``unet/``, ``vae/``, ``text_encoder/``, ``image_encoder/`` of a
         diffusers model folder (plus ``tokenizer/``, ``scheduler/``).
 
         Args:
-          encoder: ``EncoderConfig.to_dict()`` of the e4t_jax head (U-Net branch on).
+          encoder: ``e4t_jax.config.to_dict`` of the e4t_jax ``EncoderConfig`` (``"clip"``
+            backbone, U-Net branch on).
           trainable: initial head and offsets, from :func:`jax_trainables_to_torch`.
         """
         super().__init__()
@@ -149,13 +152,13 @@ class TorchE4T(nn.Module):
         self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         if self.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {self.scheduler.config.prediction_type!r} is not implemented here")
-        if not encoder.get("use_unet_branch", True):
-            raise ValueError("only the encoder with its U-Net branch is implemented here")
+        if not encoder.get("use_unet_branch", True) or encoder.get("vision", "clip") != "clip":
+            raise ValueError("only the encoder with the CLS-token CLIP backbone and its U-Net branch is implemented here")
 
         vision, channels = self.vision.config, list(self.unet.config.block_out_channels)
         fields = {f.name for f in dataclasses.fields(HeadConfig)}
         self.head = EncoderHead(HeadConfig(
-            clip_taps=vision.num_hidden_layers // encoder["clip_layer_stride"], clip_width=vision.hidden_size,
+            clip_taps=vision.num_hidden_layers // encoder["layer_stride"], clip_width=vision.hidden_size,
             unet_widths=tuple(channels + channels[-1:]),
             **{k: v for k, v in encoder.items() if k in fields}))
         self.head.load_state_dict({k[len("head."):]: torch.from_numpy(np.array(v)) for k, v in trainable.items()
@@ -216,7 +219,7 @@ class TorchE4T(nn.Module):
         x = F.interpolate((pixels + 1) / 2, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
         states = self.vision(x, output_hidden_states=True).hidden_states
-        stride = self.head.config.clip_layer_stride
+        stride = self.head.config.layer_stride
         return torch.stack([h[:, 0] for h in states[stride::stride]], dim=1)
 
     def loss(self, pixels: torch.Tensor, input_ids: torch.Tensor, noise: torch.Tensor,
@@ -229,7 +232,8 @@ class TorchE4T(nn.Module):
           noise: ``[B, 4, h, w]`` float32; timesteps: ``[B]`` int64.
 
         Returns:
-          ``(loss, metrics)`` float32 scalars, as ``e4t_loss``.
+          ``(loss, metrics)`` float32 scalars (e4t_jax names them ``loss``, ``diffusion_loss``,
+          ``embedding_reg``, ``offset_l2``).
         """
         weights = self.offsets.patched_weights(self.unet)
         with torch.no_grad():
@@ -262,12 +266,13 @@ class TorchE4T(nn.Module):
         noise = torch.randn(shape, generator=generator)
         return noise, torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator)
 
-    def make_optimizer(self, lr: float, weight_decay: float = 1e-2) -> torch.optim.AdamW:
-        """AdamW on the head and offsets only, as ``e4t_jax.training.steps.make_optimizer``."""
+    def make_optimizer(self, lr: float, weight_decay: float = OptimizerConfig.weight_decay) -> torch.optim.AdamW:
+        """AdamW on the head and offsets only, as ``e4t_jax.training.steps.make_optimizer``'s defaults."""
         return torch.optim.AdamW(self.trainable_parameters(), lr=lr, weight_decay=weight_decay)
 
     def train_step(self, optimizer: torch.optim.Optimizer, pixels: torch.Tensor, input_ids: torch.Tensor,
-                   noise: torch.Tensor, timesteps: torch.Tensor, clip_norm: float = 1.0) -> dict[str, float]:
+                   noise: torch.Tensor, timesteps: torch.Tensor,
+                   clip_norm: float = OptimizerConfig.clip_norm) -> dict[str, float]:
         """Forward, backward, global-norm clipping and one AdamW update."""
         optimizer.zero_grad(set_to_none=True)
         loss, metrics = self.loss(pixels, input_ids, noise, timesteps)
@@ -277,8 +282,8 @@ class TorchE4T(nn.Module):
         return {k: v.item() for k, v in metrics.items()}
 
 
-def jax_trainables_to_torch(trainable: dict) -> dict[str, np.ndarray]:
-    """e4t_jax's ``{"head", "offsets"}`` pytrees -> the flat dict :class:`TorchE4T` takes.
+def jax_trainables_to_torch(trainable) -> dict[str, np.ndarray]:
+    """e4t_jax's ``E4TParams`` (head and offsets) -> the flat dict :class:`TorchE4T` takes.
 
     Keys: ``head.<PyTorch key>`` (``head.fuse.weight`` ...) and
     ``offsets.<U-Net weight key>.down`` / ``.up`` (factors in their Flax layout).
@@ -287,7 +292,7 @@ def jax_trainables_to_torch(trainable: dict) -> dict[str, np.ndarray]:
 
     from e4t_jax import weights
 
-    state = {f"head.{k}": v for k, v in weights.params_to_state_dict(trainable["head"]).items()}
-    for path, value in traverse_util.flatten_dict(trainable["offsets"]).items():
+    state = {f"head.{k}": v for k, v in weights.params_to_state_dict(trainable.head).items()}
+    for path, value in traverse_util.flatten_dict(trainable.offsets).items():
         state[f"offsets.{weights.torch_key(path[:-1])}.{path[-1]}"] = np.array(value, np.float32)
     return state

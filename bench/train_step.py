@@ -6,7 +6,7 @@ A step is the whole E4T update: VAE encode, CLIP vision, U-Net down/mid features
 encoder head, text encoder with ``v*``, U-Net, loss, backward, global-norm clipping
 and AdamW on the encoder head and the weight offsets (the base model frozen). The
 PyTorch side is :mod:`bench.torch_e4t`; both start from the same weights (a preset
-model folder written by :func:`e4t_jax.tiny.write_model`, the head and offsets that
+model folder written by :func:`e4t_jax.presets.write_model`, the head and offsets that
 :func:`e4t_jax.e4t.model.build` initializes) and the same images and prompts; each
 draws its own noise.
 
@@ -53,21 +53,28 @@ LEARNING_RATE = 1.6e-5
 DOMAIN_WORD, PLACEHOLDER = "face", "S*"
 
 
+def e4t_config(model_dir: Path):
+    """The default E4T (head widths, offsets, loss) on a model folder, for the face domain."""
+    from e4t_jax.e4t.config import E4TConfig, ModelConfig
+
+    return E4TConfig(model=ModelConfig(base=str(model_dir), domain_word=DOMAIN_WORD, placeholder=PLACEHOLDER))
+
+
 def prepare(folder: Path, names: list[str]) -> None:
     """Writes the preset models, the initial head and offsets (for torch), and every batch."""
     import numpy as np
     import skimage.data
 
     from bench.torch_e4t import jax_trainables_to_torch
-    from e4t_jax import tiny
+    from e4t_jax import config as config_lib, presets
     from e4t_jax.e4t import model as model_lib
     from e4t_jax.training import data
 
     for preset in sorted({WORKLOADS[name]["preset"] for name in names}):
-        tiny.write_model(folder / preset, preset)
-        e4t = model_lib.build(folder / preset, domain_word=DOMAIN_WORD, placeholder=PLACEHOLDER)
-        np.savez(folder / f"{preset}_trainable.npz", **jax_trainables_to_torch(e4t.trainable))
-        (folder / f"{preset}_encoder.json").write_text(json.dumps(e4t.model.encoder_config.to_dict()))
+        presets.write_model(folder / preset, preset)
+        e4t = model_lib.build(e4t_config(folder / preset))
+        np.savez(folder / f"{preset}_trainable.npz", **jax_trainables_to_torch(e4t.params))
+        (folder / f"{preset}_encoder.json").write_text(json.dumps(config_lib.to_dict(e4t.config.encoder)))
     photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
     templates = data.PROMPT_TEMPLATES[DOMAIN_WORD]
     for name in names:
@@ -108,19 +115,20 @@ def time_jax(folder: Path, names: list[str]) -> dict:
 
     from e4t_jax.e4t import model as model_lib
     from e4t_jax.training import steps
+    from e4t_jax.training.config import OptimizerConfig
 
     results, built = {}, {}
     for name in names:
         spec = WORKLOADS[name]
         if spec["preset"] not in built:
-            e4t = model_lib.build(folder / spec["preset"], domain_word=DOMAIN_WORD, placeholder=PLACEHOLDER)
+            e4t = model_lib.build(e4t_config(folder / spec["preset"]))
             built[spec["preset"]] = (e4t, jax.device_put(e4t.frozen))
         e4t, frozen = built[spec["preset"]]
-        optimizer = steps.make_optimizer(LEARNING_RATE)
-        params = jax.tree.map(jnp.array, e4t.trainable)  # a copy: the step donates the state
+        optimizer = steps.make_optimizer(OptimizerConfig(lr=LEARNING_RATE))
+        params = jax.tree.map(jnp.array, e4t.params)  # a copy: the step donates the state
         state = steps.TrainState.create(params, optimizer, jax.random.key(0))
-        step_fn = steps.tune_step if name.startswith("tune") else steps.pretrain_step
-        step = jax.jit(functools.partial(step_fn, model=e4t.model, optimizer=optimizer), donate_argnums=0)
+        loss_fn = functools.partial(model_lib.loss, model=e4t.model)
+        step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer), donate_argnums=0)
         pixels, batch_size = np.load(folder / f"{name}_pixels.npy"), spec["batch"]
         batches = [jax.device_put({"pixels": pixels[i], "input_ids": e4t.tokenizer.encode(prompts),
                                    "index": np.arange(batch_size, dtype=np.int32) + i * batch_size})

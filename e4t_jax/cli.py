@@ -1,22 +1,19 @@
-"""What every command-line program shares: clear errors, fast malloc, compile cache, safe output."""
+"""What the command-line programs (``train/``, ``infer/``) share: one-line errors, fast malloc.
+
+Only the command-line programs import this module; the library reports user errors
+with :class:`e4t_jax.errors.UserError`, which :func:`main_wrapper` prints as one line.
+"""
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
+
+from e4t_jax.errors import UserError
 
 MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
-DEFAULT_CACHE_DIR = Path(os.environ.get("E4T_CACHE_DIR", Path.home() / ".cache" / "e4t_jax" / "xla"))
-
-
-class UserError(Exception):
-    """An error the user can fix; the CLI prints its message alone and exits with status 2."""
 
 
 def reexec_with_fast_malloc() -> None:
@@ -40,21 +37,6 @@ def _module_name() -> str | None:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     return spec.name if spec is not None else None
-
-
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:
-    """Turns on JAX's persistent compilation cache so a second run skips compilation."""
-    import jax
-
-    directory = Path(directory or DEFAULT_CACHE_DIR).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from jax.experimental.compilation_cache import compilation_cache
-
-    compilation_cache.reset_cache()  # JAX decides once per process; re-decide with the new folder
-    return directory
 
 
 def _user_message(error: BaseException) -> str | None:
@@ -92,22 +74,3 @@ def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[li
             return 2
 
     return wrapped
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside ``target``; moves it into place only on success.
-
-    Works for files and directories: nothing half-written is ever left at ``target``.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp = tmp_dir / target.name
-    try:
-        yield tmp
-        if target.is_dir() and tmp.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)

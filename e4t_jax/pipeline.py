@@ -1,15 +1,20 @@
 """Text -> image sampling: one compiled program for the whole denoising loop.
 
 :func:`load_model` reads a diffusers-format Stable Diffusion folder (or a Hub id, or
-the ``tiny`` / ``medium`` presets of :mod:`e4t_jax.tiny`) into static modules and a
-params pytree. :class:`Generator` owns the compiled sampling programs: prompt ids,
-negative-prompt ids, initial noise and guidance are runtime arrays, so new prompts
-and seeds reuse the same program; only the sampler, step count, image size, batch
-size and the *structure* of the personalized concepts select a new one.
+a preset of :mod:`e4t_jax.presets`) into static modules and a params pytree.
+:class:`Generator` owns the compiled sampling programs: prompt ids, negative-prompt
+ids, initial noise, guidance and the hooks' arrays are runtime inputs, so new prompts,
+seeds and concepts reuse the same program; only the sampler, step count, image size,
+batch size and the *structure* of the hooks select a new one.
 
-Personalized concepts (:class:`Concept`) bring a word embedding for a placeholder
-token and U-Net weight offsets; both are applied inside the compiled program, the
-base params are never modified.
+:class:`Hooks` are how a personalization method changes sampling, without this module
+knowing the method:
+
+* :class:`TokenOverride`: the input embedding of a token id is replaced by a vector,
+  fixed for the whole loop or computed at every denoising step from the timestep;
+* :class:`ParamsTransform`: a function of the params (e.g. adding weight offsets to
+  the U-Net), applied once inside the compiled program; the base params are never
+  modified.
 """
 from __future__ import annotations
 
@@ -18,17 +23,15 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from e4t_jax import schedulers, tiny, weights
-from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.embedding import encode_text
-from e4t_jax.models.clip import CLIPTextTransformer, load_clip_text
+from e4t_jax import conditioning, presets, schedulers, weights
 from e4t_jax.models.unet import UNet2DConditionModel, load_unet
-from e4t_jax.models.vae import AutoencoderKL, load_vae
+from e4t_jax.models.vae import AutoencoderKL, decode_latents, load_vae
 from e4t_jax.tokenizer import Tokenizer
 
 PyTree = Any
@@ -40,7 +43,8 @@ class StableDiffusion:
     """The static half of a Stable Diffusion model (modules and configs, no arrays).
 
     Attributes:
-      unet, vae, text: Flax modules.
+      unet, vae: Flax modules.
+      text: the text conditioner (:class:`e4t_jax.conditioning.TextConditioner`).
       scheduler: the noise schedule from ``scheduler/scheduler_config.json``.
       folder: where it was loaded from.
       model_id: what the user asked for (folder, Hub id or preset name).
@@ -48,7 +52,7 @@ class StableDiffusion:
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text: CLIPTextTransformer
+    text: conditioning.TextConditioner
     scheduler: schedulers.SchedulerConfig
     folder: Path
     model_id: str
@@ -63,13 +67,18 @@ class StableDiffusion:
 
     @property
     def text_dim(self) -> int:
-        return self.text.config.hidden_size
+        return self.text.width
+
+    @property
+    def image_size(self) -> int:
+        """Default image side in pixels: the U-Net's ``sample_size`` times the VAE factor."""
+        return self.unet.config.sample_size * self.downsample_factor
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
     """A model folder for a preset name (``tiny``, ``medium``), a local folder or a Hub id."""
-    if str(path_or_id) in tiny.PRESETS:
-        return tiny.preset_dir(str(path_or_id))
+    if str(path_or_id) in presets.PRESETS:
+        return presets.preset_dir(str(path_or_id))
     return weights.resolve_model(path_or_id)
 
 
@@ -92,7 +101,7 @@ def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: b
             raise FileNotFoundError(f"{folder} has no {part}/ folder: it is not a diffusers Stable Diffusion model.")
     unet, unet_params = load_unet(folder / "unet", dtype, remat=remat, param_dtype=param_dtype)
     vae, vae_params = load_vae(folder / "vae", dtype, param_dtype=param_dtype)
-    text, text_params = load_clip_text(folder / "text_encoder", dtype, param_dtype=param_dtype)
+    text, text_params = conditioning.load(folder / "text_encoder", dtype, param_dtype=param_dtype)
     scheduler = schedulers.SchedulerConfig.from_diffusers(weights.read_config(folder / "scheduler",
                                                                               "scheduler_config.json"))
     model = StableDiffusion(unet, vae, text, scheduler, folder, str(path_or_id))
@@ -100,42 +109,54 @@ def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: b
     return model, params, Tokenizer.from_folder(folder)
 
 
-@dataclasses.dataclass(frozen=True)
-class Concept:
-    """A personalized concept: ``embedding`` ``[D]`` for ``token_id``, plus U-Net offsets.
+@flax.struct.dataclass
+class TokenOverride:
+    """Replaces the input embedding of ``token_id`` in every prompt while sampling.
+
+    Either ``embedding`` (fixed for the whole loop) or ``at_timestep`` (called at every
+    denoising step) gives the vector.
 
     Attributes:
-      token_id: the placeholder's id.
-      embedding: ``[D]`` the word embedding ``v*``.
-      offsets: weight-offset pytree (:func:`e4t_jax.e4t.offsets.init_offsets`) or None.
-      offset_kind: its parameterization.
-      head: an :class:`e4t_jax.e4t.encoder.EncoderHead` to re-encode the concept at every
-        denoising step (the paper's per-step option); None uses ``embedding`` throughout.
-      reencode: arrays for re-encoding: ``head`` (params), ``clip_tokens`` ``[1, T, Dv]``
-        and ``latents`` ``[1, h, w, c]`` of the concept image, ``noise`` like
-        ``latents``, ``class_embedding`` ``[D]``, ``empty_ids`` ``[1, L]`` (the empty prompt). At step ``t`` the U-Net branch sees
-        ``add_noise(latents, noise, t)``, as in training.
+      token_id: int32 scalar, the token (e.g. a placeholder ``S*``).
+      embedding: ``[D]`` float32, or None with ``at_timestep``.
+      state: arrays that ``at_timestep`` reads (runtime inputs of the program).
+      at_timestep: static ``fn(state, params, timestep) -> [D]``; ``params`` are the
+        model params after every :class:`ParamsTransform`, ``timestep`` the sampler's
+        float32 scalar. Must compare equal across calls (a module-level function or a
+        frozen dataclass) for the compiled program to be reused.
     """
 
-    token_id: int
-    embedding: Any
-    offsets: PyTree = None
-    offset_kind: str = "lowrank"
-    head: Any = None
-    reencode: PyTree = None
+    token_id: jax.Array
+    embedding: jax.Array | None = None
+    state: PyTree = None
+    at_timestep: Callable | None = flax.struct.field(pytree_node=False, default=None)
+
+    def vector(self, params: PyTree, timestep: jax.Array) -> jax.Array:
+        """The ``[D]`` embedding at ``timestep``."""
+        return self.embedding if self.at_timestep is None else self.at_timestep(self.state, params, timestep)
 
 
-def _reencoded(model: StableDiffusion, head, arrays: PyTree, unet_params: PyTree, empty_context: jax.Array,
-               timestep: jax.Array) -> jax.Array:
-    """``v*`` re-encoded at ``timestep``: the head on the noised concept latent (``[D]``)."""
-    from e4t_jax.e4t.encoder import pool_features
+@flax.struct.dataclass
+class ParamsTransform:
+    """``fn(params, state) -> params`` applied to ``{"unet", "vae", "text"}`` inside the program.
 
-    t = jnp.clip(jnp.round(timestep), 0, model.scheduler.num_train_timesteps - 1).astype(jnp.int32)[None]
-    noisy = schedulers.add_noise(model.scheduler, arrays["latents"], arrays["noise"], t)
-    features = model.unet.apply({"params": unet_params}, noisy.astype(model.unet.dtype), t, empty_context,
-                                features_only=True)
-    offset = head.apply({"params": arrays["head"]}, arrays["clip_tokens"], pool_features(features))
-    return arrays["class_embedding"] + head.config.embedding_scale * offset[0]
+    ``fn`` is static (compared across calls like :attr:`TokenOverride.at_timestep`);
+    ``state`` holds its arrays (e.g. weight offsets).
+    """
+
+    state: PyTree
+    fn: Callable = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class Hooks:
+    """Everything a personalization adds to sampling; ``a + b`` applies both (in order)."""
+
+    overrides: tuple[TokenOverride, ...] = ()
+    transforms: tuple[ParamsTransform, ...] = ()
+
+    def __add__(self, other: "Hooks") -> "Hooks":
+        return Hooks(self.overrides + other.overrides, self.transforms + other.transforms)
 
 
 def _mesh() -> Mesh:
@@ -158,52 +179,44 @@ class Generator:
         self._compiled: dict[tuple, Any] = {}
 
     def _executable(self, key: tuple, args: tuple) -> Any:
-        """The compiled program for ``key`` and the shapes of ``args`` (compiled once)."""
+        """The compiled program for ``key`` and the structure and shapes of ``args`` (compiled once)."""
         shapes = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), args)
         full_key = key + (jax.tree_util.tree_structure(args), tuple(jax.tree_util.tree_leaves(shapes)))
         if full_key not in self._compiled:
             self._compiled[full_key] = jax.jit(self._build(*key)).lower(*args).compile()
         return self._compiled[full_key]
 
-    def _build(self, sampler_name: str, num_steps: int, concept_kinds: tuple[str | None, ...],
-               heads: tuple[Any, ...]) -> Callable:
+    def _build(self, sampler_name: str, num_steps: int) -> Callable:
         model = self.model
         sampler = schedulers.make_sampler(model.scheduler, sampler_name, num_steps)
 
-        def run(params, cond_ids, uncond_ids, latents, guidance, concepts):
+        def run(params, cond_ids, uncond_ids, latents, guidance, hooks):
             self.traces += 1
-            unet_params = params["unet"]
-            for kind, concept in zip(concept_kinds, concepts):
-                if kind is not None:
-                    unet_params = offsets_lib.apply_offsets(unet_params, concept["offsets"], kind)
+            for transform in hooks.transforms:
+                params = transform.fn(params, transform.state)
             ids = jnp.concatenate([uncond_ids, cond_ids])
-            empties = [None if head is None else encode_text(model.text, params["text"], c["reencode"]["empty_ids"])
-                       for head, c in zip(heads, concepts)]
 
-            def text_context(i):
-                overrides = tuple(
-                    (c["token_id"], c["embedding"] if head is None else
-                     _reencoded(model, head, c["reencode"], unet_params, empty, sampler.timesteps[i]))
-                    for head, c, empty in zip(heads, concepts, empties))
-                return encode_text(model.text, params["text"], ids, overrides)
+            def text_context(timestep):
+                overrides = tuple((o.token_id, o.vector(params, timestep)) for o in hooks.overrides)
+                return conditioning.encode_text(model.text, params["text"], ids, overrides)
 
-            static_context = None if any(h is not None for h in heads) else text_context(0)
+            per_step = any(o.at_timestep is not None for o in hooks.overrides)
+            static_context = None if per_step else text_context(sampler.timesteps[0])
             x = latents.astype(jnp.float32) * sampler.init_noise_sigma
 
             def body(i, carry):
                 x, state = carry
-                context = static_context if static_context is not None else text_context(i)
+                context = static_context if static_context is not None else text_context(sampler.timesteps[i])
                 x_in = sampler.scale_model_input(state, x, i)
-                out = model.unet.apply({"params": unet_params}, jnp.concatenate([x_in, x_in]).astype(model.unet.dtype),
+                out = model.unet.apply({"params": params["unet"]},
+                                       jnp.concatenate([x_in, x_in]).astype(model.unet.dtype),
                                        sampler.timesteps[i], context).astype(jnp.float32)
                 uncond, cond = jnp.split(out, 2)
                 return sampler.step(state, uncond + guidance * (cond - uncond), i, x)
 
             x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x)))
-            vae_cfg = model.vae.config
-            z = x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
-            images = model.vae.apply({"params": params["vae"]}, z.astype(model.vae.dtype), method=model.vae.decode)
-            return jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1)
+            images = decode_latents(params["vae"], model.vae, x).astype(jnp.float32)
+            return (images + 1) / 2
 
         return run
 
@@ -214,7 +227,7 @@ class Generator:
     def _prepare(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, *, seed: int = 0,
                  latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
                  num_steps: int = 25, guidance: float = 7.5, sampler: str = "ddim",
-                 concepts: tuple[Concept, ...] = ()) -> tuple[Any, tuple]:
+                 hooks: Hooks = Hooks()) -> tuple[Any, tuple]:
         """Validates and places the inputs; returns the compiled program and its arguments.
 
         Args:
@@ -224,16 +237,16 @@ class Generator:
           seed: initial noise seed (ignored when ``latents`` is given).
           latents: optional ``[B, h, w, C]`` initial noise (before ``init_noise_sigma``).
           height, width: image size in pixels (multiples of the VAE factor, 8 for SD);
-            default: the U-Net's ``sample_size`` times the factor.
+            default: :attr:`StableDiffusion.image_size`.
           num_steps, guidance, sampler: denoising steps, classifier-free guidance scale,
             ``ddim`` / ``euler`` / ``dpmpp``.
-          concepts: personalized concepts whose placeholders appear in the prompts.
+          hooks: token-embedding overrides and params transforms (e.g. personalized
+            concepts whose placeholders appear in the prompts).
         """
         if sampler not in SAMPLER_ALIASES:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(set(SAMPLER_ALIASES) - {'dpm++2m'})}")
         f = self.model.downsample_factor
-        default = self.model.unet.config.sample_size * f
-        height, width = height or default, width or default
+        height, width = height or self.model.image_size, width or self.model.image_size
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}; got {height}x{width}")
         batch = cond_ids.shape[0]
@@ -244,18 +257,14 @@ class Generator:
         elif tuple(latents.shape) != self.latent_shape(batch, height, width):
             raise ValueError(f"initial latents have shape {tuple(latents.shape)}; expected "
                              f"{self.latent_shape(batch, height, width)} ([B, h, w, C])")
-        kinds = tuple(None if c.offsets is None else c.offset_kind for c in concepts)
-        heads = tuple(c.head for c in concepts)
-        concept_arrays = tuple({"token_id": jnp.int32(c.token_id), "embedding": jnp.asarray(c.embedding, jnp.float32),
-                                **({"offsets": c.offsets} if c.offsets is not None else {}),
-                                **({"reencode": c.reencode} if c.head is not None else {})} for c in concepts)
+        hooks = jax.tree.map(jnp.asarray, hooks)
         mesh = _mesh()
         data = NamedSharding(mesh, PartitionSpec("data") if batch % mesh.size == 0 else PartitionSpec())
         cond_ids, uncond_ids, latents = jax.device_put((jnp.asarray(cond_ids, jnp.int32),
                                                         jnp.asarray(uncond_ids, jnp.int32),
                                                         jnp.asarray(latents, jnp.float32)), data)
-        args = (params, cond_ids, uncond_ids, latents, jnp.float32(guidance), concept_arrays)
-        return self._executable((SAMPLER_ALIASES[sampler], num_steps, kinds, heads), args), args
+        args = (params, cond_ids, uncond_ids, latents, jnp.float32(guidance), hooks)
+        return self._executable((SAMPLER_ALIASES[sampler], num_steps), args), args
 
     def compile(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, **kwargs) -> None:
         """Compiles (without running) the program that ``__call__`` with these arguments runs."""
@@ -287,3 +296,18 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
         r, col = divmod(i, columns)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
     return grid
+
+
+def save_images(images_uint8: np.ndarray, prompts: list[str], out: str | os.PathLike) -> list[Path]:
+    """Writes ``000.png``..., ``grid.png`` and ``prompts.txt`` into ``out``; returns the image paths."""
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images_uint8):
+        paths.append(out / f"{i:03d}.png")
+        Image.fromarray(image).save(paths[-1])
+    Image.fromarray(image_grid(images_uint8)).save(out / "grid.png")
+    (out / "prompts.txt").write_text("".join(f"{p.name}\t{prompt}\n" for p, prompt in zip(paths, prompts)))
+    return paths

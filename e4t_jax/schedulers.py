@@ -157,6 +157,28 @@ def training_target(config: SchedulerConfig, x0: jax.Array, noise: jax.Array, t:
     return x0
 
 
+def per_example_noise(key: jax.Array, index: jax.Array, latent_shape: tuple[int, ...],
+                      num_train_timesteps: int) -> tuple[jax.Array, jax.Array]:
+    """Training noise and timesteps, drawn per example from ``fold_in(key, index[i])``.
+
+    Drawing per global example index makes a training update independent of how the
+    batch is split over devices and hosts.
+
+    Args:
+      key: the step's PRNG key.
+      index: ``[B]`` int32 global example indices.
+      latent_shape: ``(h, w, c)`` of one example's latents.
+
+    Returns:
+      noise ``[B, h, w, c]`` float32 and timesteps ``[B]`` int32 in ``[0, num_train_timesteps)``.
+    """
+    def draw(i):
+        k_noise, k_t = jax.random.split(jax.random.fold_in(key, i))
+        return (jax.random.normal(k_noise, latent_shape, jnp.float32),
+                jax.random.randint(k_t, (), 0, num_train_timesteps))
+    return jax.vmap(draw)(index)
+
+
 class SamplerState(NamedTuple):
     """Loop carry of a sampler. ``previous_x0``: DPM-Solver++'s data prediction of the
     previous step (``[B, H, W, C]`` float32); None for the one-step samplers."""

@@ -222,12 +222,6 @@ class Tokenizer:
         return self.clip_tokenizer.decode(list(np.asarray(ids)), skip_special_tokens=skip_special_tokens)
 
     @staticmethod
-    def placeholder_mask(ids, token_id: int):
-        """Boolean ``[B, L]``: where ``ids`` (int ``[B, L]``, numpy or jax) equal ``token_id``."""
-        ids = ids if hasattr(ids, "shape") else np.asarray(ids)
-        return ids == token_id
-
-    @staticmethod
     def require_placeholder(prompts: Sequence[str], token: str = "S*") -> None:
         """Raise ``ValueError`` for the first prompt whose text does not contain ``token``
         (case-sensitive, as the tokenizer matches placeholders)."""

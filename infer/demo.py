@@ -1,7 +1,7 @@
 """The E4T demo: personalize from one photo and generate, with no download.
 
-Runs on the embedded tiny model (:mod:`e4t_jax.tiny`), a tiny domain encoder built in
-seconds, and the astronaut photo that scikit-image ships (Eileen Collins, NASA). The
+Runs on the embedded tiny model (:mod:`e4t_jax.presets`), a tiny domain encoder built
+in seconds, and the astronaut photo that scikit-image ships (Eileen Collins, NASA). The
 tiny model has random weights: the demo shows the mechanics end to end (tuning, the
 concept file, generation with ``S*``), not image quality.
 
@@ -36,29 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     import skimage.data
     from PIL import Image
 
-    from e4t_jax import tiny
-    from infer import generate, personalize
+    from e4t_jax import presets, runtime
+    from e4t_jax.e4t.pretrained import preset_encoder_dir
+    from e4t_jax.recipes.generate import generate_files
+    from e4t_jax.recipes.personalize import personalize_file
+    from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
     start = time.perf_counter()
+    runtime.enable_compilation_cache(args.cache_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     photo = args.out / "astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(photo)
     log.info("[1/3] tiny model and domain encoder (built once, cached)")
-    tiny.preset_dir("tiny")
-    encoder = tiny.preset_encoder_dir("tiny", "face")
-    cache = ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+    presets.preset_dir("tiny")
+    encoder = preset_encoder_dir("tiny", "face")
     log.info("[2/3] personalizing on %s", photo)
     concept = args.out / "astronaut.safetensors"
-    code = personalize.main(["--model", "tiny", "--encoder", str(encoder), "--image", str(photo), "--steps",
-                             str(args.steps), "--batch-size", str(args.batch_size), "--lr", "1e-3", "--no-preview",
-                             "--out", str(concept), *cache])
-    if code:
-        return code
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, optimizer=OptimizerConfig(lr=1e-3))
+    personalize_file("tiny", encoder, photo, concept, train=train, preview_prompts=())
     log.info("[3/3] generating with the concept")
-    code = generate.main(["--model", "tiny", "--concept", str(concept), *sum((["--prompt", p] for p in PROMPTS), []),
-                          "--steps", "20", "--out", str(args.out / "images"), *cache])
-    if code:
-        return code
+    generate_files("tiny", PROMPTS, args.out / "images", concepts=[concept], num_steps=20)
     log.info("done in %.0fs: %s", time.perf_counter() - start, args.out / "images" / "grid.png")
     return 0
 

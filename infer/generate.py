@@ -11,16 +11,10 @@ Writes one PNG per image, ``grid.png`` and ``prompts.txt``, and prints timings.
 from __future__ import annotations
 
 import argparse
-import logging
-import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from e4t_jax import cli
-
-log = logging.getLogger("e4t.generate")
+from e4t_jax.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,51 +48,20 @@ def _validate(args: argparse.Namespace) -> None:
     from e4t_jax.pipeline import SAMPLER_ALIASES
 
     if args.sampler not in SAMPLER_ALIASES:
-        raise cli.UserError(f"unknown sampler '{args.sampler}'; choose ddim, euler or dpmpp")
+        raise UserError(f"unknown sampler '{args.sampler}'; choose ddim, euler or dpmpp")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
-            raise cli.UserError(f"--{name} {value} is not a positive multiple of 8")
+            raise UserError(f"--{name} {value} is not a positive multiple of 8")
     if args.num_images < 1 or args.steps < 1:
-        raise cli.UserError("--num-images and --steps must be at least 1")
+        raise UserError("--num-images and --steps must be at least 1")
     if args.init_latents is not None and not args.init_latents.is_file():
-        raise cli.UserError(f"--init-latents {args.init_latents} does not exist")
+        raise UserError(f"--init-latents {args.init_latents} does not exist")
     for concept in args.concept:
         if not concept.is_file():
-            raise cli.UserError(f"concept file {concept} does not exist")
+            raise UserError(f"concept file {concept} does not exist")
     if args.reencode and not args.concept:
-        raise cli.UserError("--reencode needs --concept")
-
-
-def save_images(images_uint8: np.ndarray, prompts: list[str], out: Path) -> list[Path]:
-    """Writes ``000.png``..., ``grid.png`` and ``prompts.txt`` into ``out``; returns the image paths."""
-    from e4t_jax.pipeline import image_grid
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images_uint8):
-        paths.append(out / f"{i:03d}.png")
-        Image.fromarray(image).save(paths[-1])
-    Image.fromarray(image_grid(images_uint8)).save(out / "grid.png")
-    (out / "prompts.txt").write_text("".join(f"{p.name}\t{prompt}\n" for p, prompt in zip(paths, prompts)))
-    return paths
-
-
-def _reencoding(loaded, args: argparse.Namespace, model, params, tokenizer):
-    """The concept with per-step re-encoding: its own tuned head, else the --encoder's."""
-    from e4t_jax.e4t import concept as concept_lib
-
-    head, encoder_config = loaded.head, loaded.header.get("encoder")
-    if head is None:
-        if args.encoder is None:
-            raise cli.UserError(f"--reencode: {loaded.placeholder}'s concept holds no tuned encoder head "
-                                "(personalize with --save-encoder) and no --encoder was given")
-        from e4t_jax.training.checkpoint import load_encoder
-
-        head, _, config = load_encoder(args.encoder, expected=concept_lib.model_identity(model))
-        encoder_config = config["encoder"]
-    return concept_lib.with_reencoding(loaded, head_params=head, encoder_config=encoder_config,
-                                       text_params=params["text"], tokenizer=tokenizer, seed=args.seed)
+        raise UserError("--reencode needs --concept")
 
 
 @cli.main_wrapper
@@ -106,51 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _validate(args)
     cli.reexec_with_fast_malloc()
-    cli.enable_compilation_cache(args.cache_dir)
-    import jax.numpy as jnp
+    from e4t_jax import runtime
+    from e4t_jax.recipes.generate import generate_files
 
-    from e4t_jax import pipeline
-    from e4t_jax.e4t import concept as concept_lib
-
-    timings = {}
-    start = time.perf_counter()
-    model, params, tokenizer = pipeline.load_model(args.model, dtype=jnp.dtype(args.dtype))
-    prompts = [p for p in args.prompt for _ in range(args.num_images)]
-    try:  # a foreign concept file (ConceptError) or a prompt without the placeholder
-        loaded = [concept_lib.load_concept(path, model, tokenizer) for path in args.concept]
-        placeholders = [c.placeholder for c in loaded]
-        for prompt in prompts:  # each prompt must name at least one of the concepts
-            if placeholders and not any(token in prompt for token in placeholders):
-                tokenizer.require_placeholder([prompt], " or ".join(placeholders))
-        concepts = [_reencoding(c, args, model, params, tokenizer) if args.reencode else c.concept for c in loaded]
-    except ValueError as e:
-        raise cli.UserError(str(e)) from e
-    timings["load"] = time.perf_counter() - start
-
-    latents = None
-    if args.init_latents is not None:
-        latents = np.load(args.init_latents)
-        if latents.ndim != 4:
-            raise cli.UserError(f"--init-latents must hold a [B, C, h, w] array; got shape {latents.shape}")
-        latents = latents.transpose(0, 2, 3, 1)
-    cond = tokenizer.encode(prompts)
-    uncond = tokenizer.encode([args.negative_prompt] * len(prompts))
-    generator = pipeline.Generator(model)
-    kwargs = dict(seed=args.seed, latents=latents, height=args.height, width=args.width, num_steps=args.steps,
-                  guidance=args.guidance, sampler=args.sampler, concepts=tuple(concepts))
-    try:
-        start = time.perf_counter()
-        generator.compile(params, cond, uncond, **kwargs)
-        timings["compile"] = time.perf_counter() - start
-        start = time.perf_counter()
-        images = generator(params, cond, uncond, **kwargs)
-        timings["sample"] = time.perf_counter() - start
-    except ValueError as e:
-        raise cli.UserError(str(e)) from e
-    paths = save_images(pipeline.to_uint8(images), prompts, args.out)
-    log.info("wrote %d images and %s", len(paths), args.out / "grid.png")
-    log.info("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
-             + f" ({len(images) / timings['sample']:.2f} images/s)")
+    runtime.enable_compilation_cache(args.cache_dir)
+    generate_files(args.model, args.prompt, args.out, concepts=args.concept, negative_prompt=args.negative_prompt,
+                   num_images=args.num_images, init_latents=args.init_latents, reencode=args.reencode,
+                   encoder=args.encoder, dtype=args.dtype, seed=args.seed, num_steps=args.steps,
+                   guidance=args.guidance, sampler=args.sampler, height=args.height, width=args.width)
     return 0
 
 

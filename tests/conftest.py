@@ -21,6 +21,6 @@ os.environ.setdefault("E4T_CACHE_DIR", str(_HOME / "xla"))
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny diffusers-format Stable Diffusion folder (random weights), shared by all tests."""
-    from e4t_jax import tiny
+    from e4t_jax import presets
 
-    return tiny.write_model(tmp_path_factory.mktemp("tiny-sd") / "model", "tiny", seed=0)
+    return presets.write_model(tmp_path_factory.mktemp("tiny-sd") / "model", "tiny", seed=0)

@@ -59,8 +59,8 @@ def check(fn, shape, dtype, tolerance, mask=None):
         assert max_error(got, want) < tolerance, (name, max_error(got, want))
 
 
-def flash(upcast):
-    return lambda q, k, v: attention.flash_attention(q, k, v, q.shape[-1] ** -0.5, upcast)
+def recompute(upcast):
+    return lambda q, k, v: attention.recompute_attention(q, k, v, q.shape[-1] ** -0.5, upcast)
 
 
 # (batch, queries, keys, heads, head dim): several heads per loop step; one head per
@@ -72,14 +72,14 @@ SHAPES = [(2, 64, 64, 8, 8), (2, 256, 256, 4, 16), (1, 1024, 1024, 2, 64), (1, 1
 
 @pytest.mark.parametrize("upcast", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_flash_matches_reference_float32(shape, upcast):
-    check(flash(upcast), shape, jnp.float32, 1e-5)
+def test_recompute_matches_reference_float32(shape, upcast):
+    check(recompute(upcast), shape, jnp.float32, 1e-5)
 
 
 @pytest.mark.parametrize("upcast, tolerance", [(True, 1e-2), (False, 3e-2)])
 @pytest.mark.parametrize("shape", [(2, 256, 256, 4, 16), (1, 1101, 1100, 1, 32)], ids=lambda s: "x".join(map(str, s)))
-def test_flash_matches_reference_bfloat16(shape, upcast, tolerance):
-    check(flash(upcast), shape, jnp.bfloat16, tolerance)
+def test_recompute_matches_reference_bfloat16(shape, upcast, tolerance):
+    check(recompute(upcast), shape, jnp.bfloat16, tolerance)
 
 
 def test_einsum_matches_reference():

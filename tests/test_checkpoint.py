@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from e4t_jax import files
 from e4t_jax.training import checkpoint
 
 CONFIG = {"lr": 1.6e-5, "batch_size": 16, "domain": "face"}
@@ -84,7 +85,7 @@ def test_restore_onto_mesh_shardings(tmp_path):
 
 
 def test_keep_last_n_and_restore_latest(tmp_path):
-    manager = checkpoint.CheckpointConfig(str(tmp_path / "run"), max_to_keep=2, save_every=10).open()
+    manager = checkpoint.open_manager(tmp_path / "run", max_to_keep=2, save_every=10)
     for step in (10, 15, 20, 30):  # 15 is not a multiple of save_every
         saved = checkpoint.save(manager, step, train_state=_train_state(step), data_state=b"\x00grain\xff",
                                 config={**CONFIG, "step": step})
@@ -97,7 +98,8 @@ def test_keep_last_n_and_restore_latest(tmp_path):
     abstract = jax.eval_shape(lambda: _train_state(0))
     state, data_state, config = checkpoint.restore(manager, abstract_state=abstract)
     _assert_trees_equal(state, _train_state(35))
-    assert data_state is None and config == CONFIG
+    assert data_state is None and config == CONFIG and checkpoint.read_config(manager) == CONFIG
+    assert checkpoint.read_config(manager, 30) == {**CONFIG, "step": 30}
     state, data_state, config = checkpoint.restore(manager, 30, abstract_state=_train_state(0))
     _assert_trees_equal(state, _train_state(30))
     assert data_state == b"\x00grain\xff" and config["step"] == 30
@@ -110,26 +112,26 @@ def test_keep_last_n_and_restore_latest(tmp_path):
 
 def test_export_load_encoder_and_base_model_check(tmp_path):
     state = _train_state(3)
-    identity = checkpoint.base_model_identity(UNET_CONFIG, text_width=768)
+    identity = files.base_model_identity(UNET_CONFIG, text_width=768)
     config = {"base_model": identity, "scale": 0.1, "clip_layers": [1, 3]}
     directory = tmp_path / "face_encoder"
-    checkpoint.export_encoder(directory, encoder_params=state["params"]["head"],
+    files.export_encoder(directory, encoder_params=state["params"]["head"],
                               offsets=state["params"]["offsets"], config=config)
 
     # bookkeeping keys do not change the fingerprint; the architecture does
-    assert checkpoint.base_model_identity({**UNET_CONFIG, "_diffusers_version": "0.30.0"}, 768) == identity
-    encoder, offsets, loaded_config = checkpoint.load_encoder(directory, expected=identity)
+    assert files.base_model_identity({**UNET_CONFIG, "_diffusers_version": "0.30.0"}, 768) == identity
+    encoder, offsets, loaded_config = files.load_encoder(directory, expected=identity)
     _assert_trees_equal(encoder, state["params"]["head"])
     _assert_trees_equal(offsets, state["params"]["offsets"])
     assert loaded_config == config
 
-    sd2 = checkpoint.base_model_identity({**UNET_CONFIG, "cross_attention_dim": 1024}, text_width=1024)
+    sd2 = files.base_model_identity({**UNET_CONFIG, "cross_attention_dim": 1024}, text_width=1024)
     with pytest.raises(ValueError, match="pre-trained for a base model with text width 768; this model has 1024"):
-        checkpoint.load_encoder(directory, expected=sd2)
+        files.load_encoder(directory, expected=sd2)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpoint.load_encoder(tmp_path / "missing", expected=identity)
+        files.load_encoder(tmp_path / "missing", expected=identity)
     with pytest.raises(ValueError, match="base_model"):
-        checkpoint.export_encoder(tmp_path / "bad", encoder_params={}, offsets={}, config={"scale": 0.1})
+        files.export_encoder(tmp_path / "bad", encoder_params={}, offsets={}, config={"scale": 0.1})
 
 
 def test_two_processes_keep_their_own_data_state(tmp_path):

@@ -8,7 +8,9 @@ from safetensors.numpy import load_file, save_file
 
 from e4t_jax import pipeline
 from e4t_jax.e4t import concept as concept_lib
+from e4t_jax.e4t import export as export_lib
 from e4t_jax.e4t import offsets as offsets_lib
+from e4t_jax.e4t.config import E4TConfig, ModelConfig
 from infer import export
 
 torch = pytest.importorskip("torch")
@@ -18,7 +20,7 @@ PROMPT = "a photo of S*"
 STEPS, GUIDANCE = 10, 7.5
 
 
-def _make_concept(path, sd, params, **extra):
+def _make_concept(path, sd, params):
     """A concept with a random ``v*`` (norm like the vocabulary's) and non-zero low-rank offsets."""
     rng = np.random.default_rng(0)
     table = params["text"]["embeddings"]["token_embedding"]["embedding"]
@@ -29,8 +31,8 @@ def _make_concept(path, sd, params, **extra):
     offsets = jax.tree_util.tree_map_with_path(
         lambda p, leaf: 0.1 * rng.standard_normal(leaf.shape).astype(np.float32) if p[-1].key == "up" else leaf,
         offsets)
-    return concept_lib.save_concept(path, embedding=embedding, offsets=offsets, offset_config=config, sd=sd,
-                                    domain_word="cat", placeholder="S*", extra=extra or None)
+    e4t_config = E4TConfig(model=ModelConfig(domain_word="cat", placeholder="S*"), offsets=config)
+    return concept_lib.save_concept(path, embedding=embedding, offsets=offsets, config=e4t_config, sd=sd)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +54,7 @@ def exported(tiny_model_dir, tmp_path_factory):
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     images = pipeline.Generator(sd)(params, tokenizer.encode([PROMPT]), tokenizer.encode([""]),
                                     latents=latents.numpy().transpose(0, 2, 3, 1), num_steps=STEPS,
-                                    guidance=GUIDANCE, sampler="ddim", concepts=(loaded.concept,))
+                                    guidance=GUIDANCE, sampler="ddim", hooks=loaded.hooks())
     out = tmp / "out"
     assert export.main(["--concept", str(concept_file), "--model", str(tiny_model_dir), "--out", str(out)]) == 0
     return concept_file, out, pipeline.to_uint8(images), latents
@@ -74,13 +76,13 @@ def _mean_abs(a, b):
 
 def test_diffusers_reproduces_our_personalized_image(exported, tiny_model_dir):
     _, out, ours, latents = exported
-    assert json.loads((out / export.INFO_FILE).read_text())["placeholder"] == "S*"
+    assert json.loads((out / export_lib.INFO_FILE).read_text())["placeholder"] == "S*"
     assert "S*" in (out / "README.md").read_text()
     unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet")
-    theirs = _diffusers_image(tiny_model_dir, out / export.EMBEDDING_FILE, latents, unet=unet)
+    theirs = _diffusers_image(tiny_model_dir, out / export_lib.EMBEDDING_FILE, latents, unet=unet)
     assert theirs.std() > 10, "flat images: the comparison would be meaningless"
     assert _mean_abs(ours, theirs) <= 2 / 255, f"mean absolute pixel difference {_mean_abs(ours, theirs) * 255:.2f}/255"
-    base = _diffusers_image(tiny_model_dir, out / export.EMBEDDING_FILE, latents)
+    base = _diffusers_image(tiny_model_dir, out / export_lib.EMBEDDING_FILE, latents)
     assert _mean_abs(base, theirs) > 8 / 255, "the offsets barely change the image: the test could not see them"
 
 
@@ -90,9 +92,9 @@ def test_full_pipeline_loads_in_diffusers(exported, tiny_model_dir, tmp_path):
     assert export.main(["--concept", str(concept_file), "--model", str(tiny_model_dir), "--out", str(full),
                         "--full-pipeline", "--dtype", "float16"]) == 0
     assert {p.name for p in full.iterdir()} >= {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
-                                                 "scheduler", export.EMBEDDING_FILE}
-    merged16 = load_file(full / "unet" / export.UNET_WEIGHTS)
-    merged32 = load_file(out / "unet" / export.UNET_WEIGHTS)
+                                                 "scheduler", export_lib.EMBEDDING_FILE}
+    merged16 = load_file(full / "unet" / export_lib.UNET_WEIGHTS)
+    merged32 = load_file(out / "unet" / export_lib.UNET_WEIGHTS)
     assert all(v.dtype == np.float16 for v in merged16.values()) and merged16.keys() == merged32.keys()
     unet = diffusers.UNet2DConditionModel.from_pretrained(full / "unet", torch_dtype=torch.float32)
     theirs = _diffusers_image(full, full, latents, unet=unet)
@@ -101,15 +103,20 @@ def test_full_pipeline_loads_in_diffusers(exported, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("other_base_model", "another base model"),
+    ("bad_config", "concept config.offsets.rank must be int"),
     ("not_a_concept", "not an E4T concept"),
     ("missing", "does not exist"),
 ])
 def test_bad_concept_is_one_clear_message(tiny_model_dir, tmp_path, capsys, case, message):
     concept_file = tmp_path / "concept.safetensors"
-    if case == "other_base_model":
+    if case in ("other_base_model", "bad_config"):
         sd, params, _ = pipeline.load_model(tiny_model_dir)
-        _make_concept(concept_file, sd, params, base_model={"text_width": 768, "cross_attention_dim": 768,
-                                                            "unet_config_sha256": "0" * 64})
+        tensors, header = concept_lib.read_concept(_make_concept(tmp_path / "good.safetensors", sd, params))
+        if case == "other_base_model":
+            header["base_model"] = {"text_width": 768, "cross_attention_dim": 768, "unet_config_sha256": "0" * 64}
+        else:
+            header["config"]["offsets"]["rank"] = "four"
+        save_file(tensors, str(concept_file), metadata={"e4t": json.dumps(header)})
     elif case == "not_a_concept":
         save_file({"weight": np.ones((2, 2), np.float32)}, str(concept_file))
     out = tmp_path / "out"

@@ -57,7 +57,7 @@ def test_notebook_writes_concept_grids_and_export(executed):
 
     _, workdir = executed
     _, header = concept_lib.read_concept(workdir / "concept.safetensors")
-    assert header["placeholder"] == "S*" and header["domain_word"] == "face"
+    assert header["config"]["model"]["placeholder"] == "S*" and header["config"]["model"]["domain_word"] == "face"
     preview = np.asarray(Image.open(workdir / "preview.png"))
     grid = np.asarray(Image.open(workdir / "grid.png"))
     assert preview.shape == (128, 192, 3) and grid.shape == (128, 128, 3)  # 5 and 4 tiles of 64x64

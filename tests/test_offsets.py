@@ -117,7 +117,7 @@ def test_init_shapes_and_abstract_params(params, kind):
             assert leaf["down"].shape == (kernel.shape[0], 3) and leaf["up"].shape == (3, kernel.shape[1])
             assert np.all(np.asarray(leaf["up"]) == 0) and np.std(leaf["down"]) > 0
         else:
-            assert leaf[off.KINDS[kind][0]].shape == kernel.shape
+            assert leaf[off.KINDS[kind].leaves[0]].shape == kernel.shape
 
 
 @pytest.mark.parametrize("kind", KINDS)

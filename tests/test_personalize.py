@@ -18,9 +18,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from e4t_jax import tiny, weights
+from e4t_jax import presets, weights
 from e4t_jax.e4t import concept as concept_lib
-from e4t_jax.training.checkpoint import base_model_identity
+from e4t_jax.e4t.pretrained import preset_encoder_dir
+from e4t_jax.files import base_model_identity
 from infer import generate, personalize
 
 TUNING = ["--steps", "15", "--batch-size", "4", "--lr", "1e-3", "--no-preview"]
@@ -32,7 +33,7 @@ def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("personalize")
     photo = folder / "astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(photo)
-    return types.SimpleNamespace(folder=folder, photo=photo, encoder=tiny.preset_encoder_dir("tiny", "face"),
+    return types.SimpleNamespace(folder=folder, photo=photo, encoder=preset_encoder_dir("tiny", "face"),
                                  cache=folder / "xla")
 
 
@@ -71,9 +72,10 @@ def test_tuning_loss_falls(runs):
 
 def test_concept_file_header_and_size(concept_file):
     tensors, header = concept_lib.read_concept(concept_file)
-    model = tiny.preset_dir("tiny")
+    model = presets.preset_dir("tiny")
     text_width = weights.read_config(model / "text_encoder")["hidden_size"]
-    assert header["placeholder"] == "S*" and header["domain_word"] == "face" and header["model_id"] == "tiny"
+    words = header["config"]["model"]
+    assert words["placeholder"] == "S*" and words["domain_word"] == "face" and header["model_id"] == "tiny"
     assert header["base_model"] == base_model_identity(weights.read_config(model / "unet"), text_width)
     assert tensors["embedding"].shape == (text_width,)
     assert any(name.startswith("offsets/") for name in tensors) and not any(n.startswith("head/") for n in tensors)
@@ -91,7 +93,7 @@ def test_compile_cache_makes_second_run_compile_faster(runs):
 def test_demo_personalizes_and_generates(inputs, runs):
     demo = inputs.folder / "demo"
     _, header = concept_lib.read_concept(demo / "astronaut.safetensors")
-    assert header["image"] == "astronaut.png" and header["steps"] == 15
+    assert header["run"]["image"] == "astronaut.png" and header["run"]["steps"] == 15
     assert Image.open(demo / "images" / "grid.png").size == (128, 128)  # 4 images of 64x64
     assert (demo / "images" / "prompts.txt").read_text().count("S*") == 4
 

@@ -27,7 +27,7 @@ def image_folder(tmp_path_factory):
 def _pretrain(tiny_model_dir, image_folder, out, *extra, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     argv = [sys.executable, "-m", "train.pretrain_encoder", "--model", str(tiny_model_dir), "--data", str(image_folder),
-            "--domain-word", "face", "--steps", "6", "--batch-size", "2", "--lr", "1e-3", "--width", "32",
+            "--domain-word", "face", "--steps", "6", "--batch-size", "2", "--lr", "1e-3", "--head-width", "32",
             "--save-every", "3", "--log-every", "1", "--out", str(out), *extra]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
 
@@ -54,10 +54,10 @@ def test_cli_end_to_end(uninterrupted, tiny_model_dir):
     metrics = _metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["loss"]) for m in metrics.values())
 
-    from e4t_jax.e4t import model as model_lib
+    from e4t_jax.e4t.pretrained import load_pretrained
 
-    e = model_lib.load_pretrained(tiny_model_dir, out / "encoder")
-    assert e.domain_word == "face" and e.model.encoder_config.hidden_dim == 32
+    e = load_pretrained(tiny_model_dir, out / "encoder")
+    assert e.config.model.domain_word == "face" and e.config.encoder.hidden_dim == 32
 
 
 def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tiny_model_dir, image_folder, tmp_path):
@@ -68,13 +68,15 @@ def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tiny_model_dir
     assert not (out / "encoder").exists()
     refused = _pretrain(tiny_model_dir, image_folder, out)
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    other_config = _pretrain(tiny_model_dir, image_folder, out, "--resume", "--offset-rank", "2")
+    assert other_config.returncode == 2 and "offsets.rank differ" in other_config.stderr
     resumed = _pretrain(tiny_model_dir, image_folder, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 3" in resumed.stderr
 
     expected, got = _metrics(full), _metrics(out)
     assert [got[s]["batch"] for s in (4, 5, 6)] == [expected[s]["batch"] for s in (4, 5, 6)]  # same data order
-    from e4t_jax.training.checkpoint import load_encoder
+    from e4t_jax.files import load_encoder
 
     head_a, offsets_a, _ = load_encoder(full / "encoder", expected=None)
     head_b, offsets_b, _ = load_encoder(out / "encoder", expected=None)
@@ -93,3 +95,30 @@ def test_missing_data_folder_is_one_clear_error(tiny_model_dir, tmp_path, capsys
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_an_encoder_folder_of_version_0_1_loads(uninterrupted, tiny_model_dir, tmp_path):
+    """The layout e4t-jax 0.1 wrote: flat config keys, clip_-named encoder fields and head params."""
+    import jax
+
+    from e4t_jax import files
+    from e4t_jax.e4t.pretrained import load_pretrained
+
+    out, _ = uninterrupted
+    head, offsets, config = files.load_encoder(out / "encoder", expected=None)
+    tree = config["e4t"]
+    encoder = {{"layer_stride": "clip_layer_stride", "vision_dim": "clip_dim"}.get(k, k): v
+               for k, v in tree["encoder"].items() if k != "vision"}
+    old_config = {"base_model": config["base_model"], "model_id": config["model_id"], "clip_vision": "image_encoder",
+                  "domain_word": tree["model"]["domain_word"], "placeholder": tree["model"]["placeholder"],
+                  "encoder": encoder, "offsets": tree["offsets"], "lambda_emb": tree["loss"]["lambda_emb"],
+                  "lambda_w": tree["loss"]["lambda_w"], "e4t_jax_version": "0.1.0", "pretrained_steps": 6}
+    old_head = {k.replace("vision_proj_", "clip_proj_"): v for k, v in head.items()}
+    files.export_encoder(tmp_path / "old", encoder_params=jax.device_get(old_head),
+                         offsets=jax.device_get(offsets), config=old_config)
+
+    new, old = load_pretrained(tiny_model_dir, out / "encoder"), load_pretrained(tiny_model_dir, tmp_path / "old")
+    assert old.config == new.config
+    assert jax.tree.structure(old.params) == jax.tree.structure(new.params)
+    for a, b in zip(jax.tree.leaves(old.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

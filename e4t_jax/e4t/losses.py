@@ -9,6 +9,7 @@ losses are computed in float32 whatever the inputs' dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -18,10 +19,20 @@ from e4t_jax.e4t import offsets as offsets_lib
 
 PyTree = Any
 
-DEFAULT_LAMBDA_EMB = 0.01
-# Not a number confirmed from the paper: a weak pull toward zero, so that small
-# relative changes of the attention kernels cost far less than the diffusion loss.
-DEFAULT_LAMBDA_W = 1e-4
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the regularizers.
+
+    Attributes:
+      lambda_emb: weight of ``||s * E(x)||^2`` (0.01, the project design's default).
+      lambda_w: weight of ``sum ||dW||^2``. Not a number confirmed from the paper: a
+        weak pull toward zero, so that small relative changes of the attention kernels
+        cost far less than the diffusion loss.
+    """
+
+    lambda_emb: float = 0.01
+    lambda_w: float = 1e-4
 
 
 def downsample_mask(mask: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
@@ -92,11 +103,11 @@ def total_loss(
     *,
     scaled_offset: jax.Array | None = None,
     offsets: PyTree | None = None,
-    offset_kind: offsets_lib.OffsetConfig | str = "lowrank",
+    offset_kind: offsets_lib.OffsetConfig | str = offsets_lib.OffsetConfig.kind,
     unet_params: PyTree | None = None,
     mask: jax.Array | None = None,
-    lambda_emb: float = DEFAULT_LAMBDA_EMB,
-    lambda_w: float = DEFAULT_LAMBDA_W,
+    lambda_emb: float = LossConfig.lambda_emb,
+    lambda_w: float = LossConfig.lambda_w,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """E4T's loss: diffusion + ``lambda_emb`` * embedding reg + ``lambda_w`` * offset L2.
 
@@ -107,8 +118,7 @@ def total_loss(
       offsets: weight-offset pytree; ``None`` drops the term.
       offset_kind: the offsets' :class:`~e4t_jax.e4t.offsets.OffsetConfig` or kind.
       unet_params: base U-Net params, needed only for multiplicative offsets.
-      lambda_emb: :data:`DEFAULT_LAMBDA_EMB` (0.01, the project design's default).
-      lambda_w: :data:`DEFAULT_LAMBDA_W`, not confirmed from the paper.
+      lambda_emb, lambda_w: the weights; defaults from :class:`LossConfig`.
 
     Returns:
       ``(loss, metrics)``: float32 scalars; metrics always holds ``loss``,

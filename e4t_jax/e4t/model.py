@@ -1,177 +1,328 @@
-"""Assemble E4T from a base model folder: modules, frozen params, initial trainables.
+"""E4T as pure functions over an immutable bundle: static model, frozen params, learned params.
 
-:func:`build` is the one place that knows how the pieces fit:
+* :class:`E4TModel`: modules and configs (no arrays), closed over by jitted functions;
+* :class:`FrozenParams`: the base model's params, the vision tower's, ``v_class`` and
+  the empty prompt's context, plus any E4T part held fixed;
+* :class:`E4TParams`: what E4T learns, the encoder head and the weight offsets;
+* :class:`E4T`: the three together with the tokenizer (placeholder added), built by
+  :func:`build` (or :func:`e4t_jax.e4t.pretrained.load_pretrained`).
 
-* the base model (U-Net, VAE, CLIP text, tokenizer, scheduler) from a diffusers folder;
-* the frozen CLIP vision tower, from ``--clip-vision`` or the model folder's
-  ``image_encoder/`` (the embedded tiny model ships one; for SD use the HF form of
-  OpenCLIP ViT-H/14, ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, or any CLIP vision model);
-* the placeholder token added to the tokenizer, and the domain word's embedding
-  ``v_class``;
-* the encoder head and the zero-initialized weight offsets.
+:func:`predict_embedding` is the one way an image becomes ``v*``: the loss calls it on
+noisy latents, personalization on the clean image (:func:`embed_image`), generation
+at every denoising step (:mod:`e4t_jax.e4t.concept`). :func:`loss` is the objective
+of both pre-training and personalization; "what trains" is which :class:`E4TParams`
+go to the optimizer (:meth:`E4T.split`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from e4t_jax import pipeline, weights
+from e4t_jax import conditioning, pipeline, schedulers, weights
+from e4t_jax.e4t import losses
 from e4t_jax.e4t import offsets as offsets_lib
-from e4t_jax.e4t.embedding import encode_text
-from e4t_jax.e4t.encoder import EncoderConfig, EncoderHead
-from e4t_jax.models.clip import load_clip_vision
+from e4t_jax.e4t import vision as vision_lib
+from e4t_jax.e4t.config import E4TConfig
+from e4t_jax.e4t.encoder import EncoderHead, pool_features
+from e4t_jax.errors import UserError
+from e4t_jax.models.vae import encode_to_latents
 from e4t_jax.tokenizer import Tokenizer
-from e4t_jax.training.steps import E4TModel
 
 PyTree = Any
 
 
-@dataclasses.dataclass
-class E4T:
-    """Everything a training or tuning run needs.
+@dataclasses.dataclass(frozen=True)
+class E4TModel:
+    """The static half of E4T (modules and configs, no arrays).
 
     Attributes:
-      model: the static :class:`E4TModel` (modules and configs).
-      frozen: ``{"unet", "vae", "text", "vision", "class_embedding", "empty_context"}``.
-      trainable: initial ``{"head", "offsets"}``.
+      sd: the base model (U-Net, VAE, text conditioner, noise schedule).
+      head: the :class:`EncoderHead` module.
+      config: the :class:`E4TConfig` (``encoder.text_dim`` set from ``sd``).
+      placeholder_id: token id of the placeholder (``S*``).
+      vision: the vision backbone; None where only stored image features are used
+        (re-encoding at generation).
+    """
+
+    sd: pipeline.StableDiffusion
+    head: EncoderHead
+    config: E4TConfig
+    placeholder_id: int
+    vision: vision_lib.VisionBackbone | None = None
+
+
+@flax.struct.dataclass
+class E4TParams:
+    """What E4T learns. A field is None when this tree does not hold that part.
+
+    Attributes:
+      head: the encoder head's params.
+      offsets: the weight-offset pytree (:func:`e4t_jax.e4t.offsets.init_offsets`).
+    """
+
+    head: PyTree = None
+    offsets: PyTree = None
+
+    def merge(self, fixed: "E4TParams") -> "E4TParams":
+        """These params, with ``fixed``'s where this tree holds None."""
+        return E4TParams(head=fixed.head if self.head is None else self.head,
+                         offsets=fixed.offsets if self.offsets is None else self.offsets)
+
+
+@flax.struct.dataclass
+class FrozenParams:
+    """Everything a step reads but does not train.
+
+    Attributes:
+      unet, vae, text: the base model's params (what :class:`e4t_jax.pipeline.Generator` takes).
+      vision: the vision backbone's params.
+      class_embedding: ``[D]`` float32, the domain word's input embedding ``v_class``.
+      empty_context: ``[1, L, Dc]``, the text encoding of the empty prompt (the U-Net
+        branch's conditioning).
+      fixed: E4T parts held fixed in this run (e.g. the head when tuning offsets only).
+    """
+
+    unet: PyTree
+    vae: PyTree
+    text: PyTree
+    vision: PyTree
+    class_embedding: jax.Array
+    empty_context: jax.Array
+    fixed: E4TParams = E4TParams()
+
+    @property
+    def base(self) -> dict[str, PyTree]:
+        """``{"unet", "vae", "text"}``: the params sampling takes."""
+        return {"unet": self.unet, "vae": self.vae, "text": self.text}
+
+
+@dataclasses.dataclass(frozen=True)
+class E4T:
+    """Everything a training, tuning or generation run needs; not mutated after construction.
+
+    Attributes:
+      model: the static :class:`E4TModel`.
+      frozen: the :class:`FrozenParams`.
+      params: the learned :class:`E4TParams` (initial, or pre-trained).
       tokenizer: with the placeholder added.
-      sd: the base :class:`e4t_jax.pipeline.StableDiffusion`.
-      domain_word, placeholder: as given.
-      vision_id: where the CLIP vision tower came from.
     """
 
     model: E4TModel
-    frozen: PyTree
-    trainable: PyTree
+    frozen: FrozenParams
+    params: E4TParams
     tokenizer: Tokenizer
-    sd: pipeline.StableDiffusion
-    domain_word: str
-    placeholder: str
-    vision_id: str
 
     @property
-    def base_params(self) -> PyTree:
-        """The params :class:`e4t_jax.pipeline.Generator` takes: ``{"unet", "vae", "text"}``."""
-        return {k: self.frozen[k] for k in ("unet", "vae", "text")}
+    def config(self) -> E4TConfig:
+        return self.model.config
+
+    @property
+    def sd(self) -> pipeline.StableDiffusion:
+        return self.model.sd
+
+    def split(self, tune_head: bool = True) -> tuple[E4TParams, FrozenParams]:
+        """``(trainable, frozen)``: the params to optimize, and the frozen tree holding the rest."""
+        if tune_head:
+            return self.params, self.frozen
+        return E4TParams(offsets=self.params.offsets), self.frozen.replace(fixed=E4TParams(head=self.params.head))
 
     def describe(self) -> str:
-        """Parameter counts of the trainable parts."""
-        head = offsets_lib.count_params(self.trainable["head"])
-        offsets = offsets_lib.count_params(self.trainable["offsets"])
-        return (f"encoder head {head:,} params; weight offsets {offsets:,} params "
-                f"({offsets_lib.describe(self.trainable['offsets'])})")
+        """Parameter counts of the learned parts."""
+        head = offsets_lib.count_params(self.params.head)
+        offsets = offsets_lib.count_params(self.params.offsets)
+        return (f"encoder head {head:,} params ({self.config.encoder.vision} backbone); weight offsets {offsets:,} "
+                f"params ({offsets_lib.describe(self.params.offsets)})")
 
 
-def vision_folder(sd: pipeline.StableDiffusion, clip_vision: str | os.PathLike | None):
-    """The CLIP vision tower's folder: ``clip_vision`` if given, else ``<model>/image_encoder``."""
-    if clip_vision is not None:
-        return weights.resolve_model(clip_vision), str(clip_vision)
+# ------------------------------------------------------------------------- the method
+
+
+def vision_features(model: E4TModel, vision_params: PyTree, pixels: jax.Array) -> jax.Array:
+    """The head's vision input: the backbone's tapped layer features, no gradient.
+
+    Args:
+      pixels: ``[B, H, W, 3]`` in [-1, 1].
+
+    Returns:
+      ``[B, num_layers // layer_stride, Dv]`` float32.
+    """
+    layers, _ = model.vision(vision_params, pixels)
+    return jax.lax.stop_gradient(vision_lib.tap_layers(layers, model.config.encoder.layer_stride))
+
+
+def predict_embedding(model: E4TModel, head_params: PyTree, unet_params: PyTree, class_embedding: jax.Array,
+                      empty_context: jax.Array, features: jax.Array, noisy_latents: jax.Array,
+                      timesteps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v* = v_class + s * E(x)``: the word embedding the encoder predicts for an image.
+
+    Args:
+      head_params: the encoder head's params.
+      unet_params: the U-Net's params with the current weight offsets applied.
+      class_embedding: ``[D]`` ``v_class``.
+      empty_context: ``[1, L, Dc]`` the empty prompt's context.
+      features: ``[B, T, Dv]`` from :func:`vision_features`.
+      noisy_latents: ``[B, h, w, c]`` what the U-Net branch sees.
+      timesteps: ``[B]`` int.
+
+    Returns:
+      ``(v_star, scaled_offset)``: ``[B, D]`` float32 each; ``scaled_offset`` is
+      ``s * E(x)``, what the embedding regularizer sees.
+    """
+    encoder = model.config.encoder
+    pooled = None
+    if encoder.use_unet_branch:
+        context = jnp.broadcast_to(empty_context, (noisy_latents.shape[0],) + empty_context.shape[1:])
+        pooled = pool_features(model.sd.unet.apply({"params": unet_params}, noisy_latents, timesteps, context,
+                                                   features_only=True))
+    scaled = encoder.embedding_scale * model.head.apply({"params": head_params}, features, pooled)
+    return class_embedding[None, :] + scaled, scaled
+
+
+def loss(params: E4TParams, frozen: FrozenParams, batch: dict, key: jax.Array, *,
+         model: E4TModel) -> tuple[jax.Array, dict]:
+    """E4T's objective on one batch (pre-training and personalization alike).
+
+    Args:
+      params: the trained :class:`E4TParams` (a field may be None: ``frozen.fixed`` has it).
+      frozen: the :class:`FrozenParams`.
+      batch: ``pixels`` ``[B, H, W, 3]`` float in [-1, 1]; ``input_ids`` ``[B, L]``
+        int32 (prompts with the placeholder); ``index`` ``[B]`` int32 global example
+        indices (noise and timesteps are drawn per index); optional ``mask``
+        ``[B, H, W]`` float in [0, 1] (per-pixel loss weight).
+      key: this step's RNG key.
+
+    Returns:
+      ``(loss, metrics)`` of :func:`e4t_jax.e4t.losses.total_loss`.
+    """
+    sd, config = model.sd, model.config
+    params = params.merge(frozen.fixed)
+    unet_params = offsets_lib.apply_offsets(frozen.unet, params.offsets, config.offsets)
+    latents = jax.lax.stop_gradient(encode_to_latents(frozen.vae, sd.vae, batch["pixels"]))
+    noise, timesteps = schedulers.per_example_noise(key, batch["index"], latents.shape[1:],
+                                                    sd.scheduler.num_train_timesteps)
+    noisy = schedulers.add_noise(sd.scheduler, latents, noise, timesteps)
+    features = vision_features(model, frozen.vision, batch["pixels"])
+    v_star, scaled = predict_embedding(model, params.head, unet_params, frozen.class_embedding,
+                                       frozen.empty_context, features, noisy, timesteps)
+    context = conditioning.encode_text(sd.text, frozen.text, batch["input_ids"], ((model.placeholder_id, v_star),))
+    prediction = sd.unet.apply({"params": unet_params}, noisy, timesteps, context)
+    target = schedulers.training_target(sd.scheduler, latents, noise, timesteps)
+    mask = batch.get("mask")
+    if mask is not None:
+        mask = losses.downsample_mask(mask, latents.shape[1:3])
+    return losses.total_loss(prediction, target, scaled_offset=scaled, offsets=params.offsets,
+                             offset_kind=config.offsets, unet_params=frozen.unet, mask=mask,
+                             lambda_emb=config.loss.lambda_emb, lambda_w=config.loss.lambda_w)
+
+
+def embed_image(model: E4TModel, params: E4TParams, frozen: FrozenParams, pixels: jax.Array) -> jax.Array:
+    """``v*`` of clean images (their latents at t = 0, no noise): ``[B, D]`` float32.
+
+    Args:
+      pixels: ``[B, H, W, 3]`` in [-1, 1] (the whole, center-cropped image).
+    """
+    params = params.merge(frozen.fixed)
+    unet_params = offsets_lib.apply_offsets(frozen.unet, params.offsets, model.config.offsets)
+    latents = encode_to_latents(frozen.vae, model.sd.vae, pixels)
+    features = vision_features(model, frozen.vision, pixels)
+    v_star, _ = predict_embedding(model, params.head, unet_params, frozen.class_embedding, frozen.empty_context,
+                                  features, latents, jnp.zeros((pixels.shape[0],), jnp.int32))
+    return v_star
+
+
+def image_features(model: E4TModel, frozen: FrozenParams, pixels: jax.Array) -> dict[str, jax.Array]:
+    """What re-encoding at generation needs from clean images (stored in concept files).
+
+    Returns:
+      ``{"layers": [B, T, Dv], "latents": [B, h, w, c]}`` float32: the tapped vision
+      features and the latents.
+    """
+    return {"layers": vision_features(model, frozen.vision, pixels),
+            "latents": encode_to_latents(frozen.vae, model.sd.vae, pixels)}
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def vision_folder(sd: pipeline.StableDiffusion, source: str | os.PathLike | None) -> Path:
+    """The vision tower's folder: ``source`` if given, else ``<model>/image_encoder``."""
+    if source is not None:
+        return weights.resolve_model(source)
     folder = sd.folder / "image_encoder"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{sd.folder} has no image_encoder/ folder; pass --clip-vision with a CLIP vision model "
             "(e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the encoder the E4T paper uses).")
-    return folder, "image_encoder"
+    return folder
 
 
-def head_inputs(sd: pipeline.StableDiffusion, vision_config, encoder: EncoderConfig):
-    """Dummy inputs with the head's real shapes: ``(clip_tokens [1,T,Dv], unet_pooled)``."""
-    taps = vision_config.num_hidden_layers // encoder.clip_layer_stride
-    tokens = jnp.zeros((1, taps, vision_config.hidden_size))
-    channels = list(sd.unet.config.block_out_channels) + [sd.unet.config.block_out_channels[-1]]
-    pooled = [jnp.zeros((1, c)) for c in channels] if encoder.use_unet_branch else None
-    return tokens, pooled
+def head_inputs(model: E4TModel) -> tuple[jax.Array, list[jax.Array] | None]:
+    """Dummy inputs with the head's real shapes: ``(features [1, T, Dv], unet_pooled)``."""
+    encoder, unet = model.config.encoder, model.sd.unet.config
+    features = jnp.zeros((1, model.vision.num_layers // encoder.layer_stride, model.vision.width))
+    channels = list(unet.block_out_channels) + [unet.block_out_channels[-1]]  # down blocks, then mid block
+    return features, [jnp.zeros((1, c)) for c in channels] if encoder.use_unet_branch else None
 
 
-def build(model_id: str | os.PathLike, *, domain_word: str = "face", placeholder: str = "S*",
-          clip_vision: str | os.PathLike | None = None, encoder: EncoderConfig | None = None,
-          offsets: offsets_lib.OffsetConfig | None = None, lambda_emb: float = 0.01, lambda_w: float = 1e-4,
-          dtype: Any = jnp.float32, remat: bool = False, seed: int = 0) -> E4T:
-    """Loads the base model and CLIP vision tower and initializes the E4T parts.
+def load_parts(config: E4TConfig, *, dtype: Any = jnp.float32,
+               remat: bool = False) -> tuple[E4TModel, FrozenParams, Tokenizer]:
+    """Loads the base model and the vision backbone; adds the placeholder to the tokenizer.
 
     Args:
-      model_id: diffusers folder, Hub id or preset (``tiny``).
-      domain_word: the coarse class word whose embedding ``v*`` starts from; must be
-        one token of the tokenizer.
-      placeholder: the new token that prompts use for the concept.
-      clip_vision: CLIP vision model folder or id (default ``<model>/image_encoder``).
-      encoder: head sizes; ``text_dim`` is set from the base model.
-      offsets: which U-Net kernels get offsets and their form.
+      config: what to build; ``config.encoder.text_dim`` is set from the base model.
       dtype: compute dtype of the frozen modules (params stay float32).
       remat: rematerialize U-Net blocks in the backward pass.
-    """
-    sd, params, tokenizer = pipeline.load_model(model_id, dtype=dtype, remat=remat)
-    folder, vision_id = vision_folder(sd, clip_vision)
-    vision, vision_params = load_clip_vision(folder, dtype=dtype)
-    token_id, word_id = tokenizer.add_placeholder(placeholder, domain_word)
-    encoder = dataclasses.replace(encoder or EncoderConfig(), text_dim=sd.text_dim)
-    head = EncoderHead(encoder)
-    key_head, key_offsets = jax.random.split(jax.random.key(seed))
-    head_params = jax.jit(head.init)(key_head, *head_inputs(sd, vision.config, encoder))["params"]
-    offsets = offsets or offsets_lib.OffsetConfig()
-    offset_params = offsets_lib.init_offsets(key_offsets, params["unet"], offsets)
-    empty = jax.jit(lambda p, ids: encode_text(sd.text, p, ids))(params["text"], tokenizer.encode([""]))
-    frozen = {**params, "vision": vision_params,
-              "class_embedding": jnp.asarray(params["text"]["embeddings"]["token_embedding"]["embedding"][word_id]),
-              "empty_context": empty}
-    model = E4TModel(unet=sd.unet, vae=sd.vae, text=sd.text, vision=vision, head=head, scheduler=sd.scheduler,
-                     offsets=offsets, placeholder_id=token_id, lambda_emb=lambda_emb, lambda_w=lambda_w,
-                     vae_scaling=sd.vae.config.scaling_factor)
-    return E4T(model, frozen, {"head": head_params, "offsets": offset_params}, tokenizer, sd, domain_word,
-               placeholder, vision_id)
 
-
-def encoder_config(e: E4T, **extra: Any) -> dict[str, Any]:
-    """The JSON config stored beside a domain encoder's params."""
-    from e4t_jax import __version__
-    from e4t_jax.e4t.concept import model_identity
-
-    return {"base_model": model_identity(e.sd), "model_id": e.sd.model_id, "clip_vision": e.vision_id,
-            "domain_word": e.domain_word, "placeholder": e.placeholder,
-            "encoder": dataclasses.asdict(e.model.encoder_config),
-            "offsets": dataclasses.asdict(e.model.offsets), "lambda_emb": e.model.lambda_emb,
-            "lambda_w": e.model.lambda_w, "e4t_jax_version": __version__, **extra}
-
-
-def export_encoder(e: E4T, directory: str | os.PathLike, trainable: PyTree | None = None, **extra: Any) -> None:
-    """Writes a domain encoder (head params + offsets + config) that :func:`load_pretrained` reads."""
-    from e4t_jax.training.checkpoint import export_encoder as write
-
-    trainable = trainable or e.trainable
-    write(directory, encoder_params=jax.device_get(trainable["head"]), offsets=jax.device_get(trainable["offsets"]),
-          config=encoder_config(e, **extra), overwrite=True)
-
-
-def load_pretrained(model_id: str | os.PathLike, encoder_dir: str | os.PathLike, *,
-                    clip_vision: str | os.PathLike | None = None, placeholder: str | None = None,
-                    dtype: Any = jnp.float32, remat: bool = False) -> E4T:
-    """Builds E4T for ``model_id`` with a pre-trained domain encoder from ``encoder_dir``.
+    Returns:
+      ``(model, frozen, tokenizer)``.
 
     Raises:
-      FileNotFoundError: ``encoder_dir`` is not an exported encoder.
-      ValueError: the encoder was pre-trained for another base model.
+      UserError: the placeholder is already a token, or the domain word is not one token.
     """
-    from e4t_jax.e4t.concept import model_identity
-    from e4t_jax.training.checkpoint import load_encoder
+    sd, base, tokenizer = pipeline.load_model(config.model.base, dtype=dtype, remat=remat)
+    backbone, vision_params = vision_lib.load(config.encoder.vision, vision_folder(sd, config.model.vision_source),
+                                              dtype)
+    try:
+        token_id, word_id = tokenizer.add_placeholder(config.model.placeholder, config.model.domain_word)
+    except ValueError as error:  # the placeholder is a word, or the domain word is not one token
+        raise UserError(str(error)) from error
+    config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, text_dim=sd.text_dim))
+    model = E4TModel(sd, EncoderHead(config.encoder), config, token_id, backbone)
+    return model, frozen_params(model, base, vision_params, tokenizer, word_id), tokenizer
 
-    head, offset_params, config = load_encoder(encoder_dir, expected=None)
-    encoder = EncoderConfig.from_dict(config["encoder"])
-    offsets = offsets_lib.OffsetConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                          for k, v in config["offsets"].items()})
-    vision = clip_vision if clip_vision is not None else (
-        None if config.get("clip_vision") == "image_encoder" else config.get("clip_vision"))
-    e = build(model_id, domain_word=config["domain_word"], placeholder=placeholder or config["placeholder"],
-              clip_vision=vision, encoder=encoder, offsets=offsets, lambda_emb=config.get("lambda_emb", 0.01),
-              lambda_w=config.get("lambda_w", 1e-4), dtype=dtype, remat=remat)
-    identity = model_identity(e.sd)
-    if config["base_model"] != identity:
-        raise ValueError(
-            f"encoder {encoder_dir} was pre-trained for another base model ({config.get('model_id')}: text width "
-            f"{config['base_model'].get('text_width')}); this model ({e.sd.model_id}) has text width "
-            f"{identity['text_width']}. Use the base model it was trained with, or pre-train an encoder for this one.")
-    e.trainable = {"head": head, "offsets": offset_params}
-    return e
+
+def frozen_params(model: E4TModel, base: PyTree, vision_params: PyTree, tokenizer: Tokenizer,
+                  word_id: int) -> FrozenParams:
+    """The :class:`FrozenParams` of a model: base and vision params, ``v_class``, empty context."""
+    text = model.sd.text
+    class_embedding = text.embed(base["text"], jnp.array([[word_id]]))[0, 0].astype(jnp.float32)
+    empty = jax.jit(lambda p, ids: conditioning.encode_text(text, p, ids))(base["text"], tokenizer.encode([""]))
+    return FrozenParams(unet=base["unet"], vae=base["vae"], text=base["text"], vision=vision_params,
+                        class_embedding=class_embedding, empty_context=empty)
+
+
+def init_params(model: E4TModel, frozen: FrozenParams, seed: int = 0) -> E4TParams:
+    """A fresh head (random) and weight offsets (zero change) for ``model``."""
+    key_head, key_offsets = jax.random.split(jax.random.key(seed))
+    head = jax.jit(model.head.init)(key_head, *head_inputs(model))["params"]
+    return E4TParams(head=head, offsets=offsets_lib.init_offsets(key_offsets, frozen.unet, model.config.offsets))
+
+
+def build(config: E4TConfig = E4TConfig(), *, dtype: Any = jnp.float32, remat: bool = False, seed: int = 0) -> E4T:
+    """Loads the base model and vision backbone and initializes the E4T parts.
+
+    Args:
+      config: base model, concept words, encoder, offsets and loss.
+      dtype: compute dtype of the frozen modules (params stay float32).
+      remat: rematerialize U-Net blocks in the backward pass.
+      seed: initializes the head and the low-rank offsets' ``down`` factors.
+    """
+    model, frozen, tokenizer = load_parts(config, dtype=dtype, remat=remat)
+    return E4T(model, frozen, init_params(model, frozen, seed), tokenizer)
+

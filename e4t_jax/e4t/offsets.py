@@ -11,7 +11,9 @@ nested paths as the kernels they modify, one small dict per kernel::
 so the U-Net code knows nothing of them: a step calls
 ``apply_offsets(unet_params, offsets, kind)`` and runs the U-Net on the result.
 
-Parameterizations (``kind``), each equal to the base model at initialization:
+A parameterization (``kind``) is an :class:`OffsetKind` registered in :data:`KINDS`
+(:func:`register` adds one): its leaf names, its zero-change initialization, its
+``dW`` and its L2 penalty. Built in, each equal to the base model at initialization:
 
 - ``"lowrank"`` (default): ``dW = down @ up`` (LoRA-like); ``down [Din, r]`` is random
   normal times ``init_scale``, ``up [r, Dout]`` is zeros.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +40,98 @@ from flax import traverse_util
 PyTree = Any
 Path = tuple[str, ...]
 
-# The leaf names of one kernel's offset, per parameterization.
-KINDS = {"lowrank": ("down", "up"), "multiplicative": ("scale",), "dense": ("delta",)}
 SELF_ATTENTION_QKV = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
 CROSS_ATTENTION_QKV = ("attn2.to_q", "attn2.to_k", "attn2.to_v")
 OUTPUT_PROJECTIONS = ("attn1.to_out_0", "attn2.to_out_0")
+
+
+class OffsetKind(Protocol):
+    """One parameterization of a kernel's weight change ``dW``.
+
+    Attributes:
+      leaves: the names of one kernel's offset arrays (e.g. ``("down", "up")``).
+    """
+
+    leaves: tuple[str, ...]
+
+    def init(self, key: jax.Array, shape: tuple[int, ...], config: "OffsetConfig") -> dict[str, jax.Array]:
+        """float32 arrays for a kernel of ``shape`` that give ``dW = 0``."""
+
+    def delta(self, offset: dict[str, jax.Array], kernel: jax.Array) -> jax.Array:
+        """``dW`` of one kernel: float32, ``kernel.shape``."""
+
+    def l2(self, offset: dict[str, jax.Array], kernel: jax.Array | None) -> jax.Array:
+        """``||dW||_F^2``, float32 scalar; ``kernel`` is None when the caller has no params."""
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """``dW = down @ up``; ``up`` starts at zero."""
+
+    leaves: tuple[str, ...] = ("down", "up")
+
+    def init(self, key, shape, config):
+        std = 1.0 / config.rank if config.init_scale is None else config.init_scale
+        return {"down": std * jax.random.normal(key, (math.prod(shape[:-1]), config.rank), jnp.float32),
+                "up": jnp.zeros((config.rank, shape[-1]), jnp.float32)}
+
+    def delta(self, offset, kernel):
+        return jnp.matmul(_f32(offset["down"]), _f32(offset["up"]),
+                          precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+
+    def l2(self, offset, kernel):
+        """``||down @ up||^2`` as ``sum((down^T down) * (up up^T))``, without forming ``dW``."""
+        down, up = _f32(offset["down"]), _f32(offset["up"])
+        gram_down = jnp.matmul(down.T, down, precision=jax.lax.Precision.HIGHEST)
+        gram_up = jnp.matmul(up, up.T, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(gram_down * gram_up)
+
+
+@dataclasses.dataclass(frozen=True)
+class Multiplicative:
+    """``dW = W * scale``; its L2 is the change of the weights, so it needs the kernel."""
+
+    leaves: tuple[str, ...] = ("scale",)
+
+    def init(self, key, shape, config):
+        return {"scale": jnp.zeros(shape, jnp.float32)}
+
+    def delta(self, offset, kernel):
+        return _f32(kernel) * _f32(offset["scale"])
+
+    def l2(self, offset, kernel):
+        if kernel is None:
+            raise ValueError("offset_l2 of multiplicative offsets needs unet_params: the change is W * scale.")
+        return jnp.sum(jnp.square(self.delta(offset, kernel)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """``dW = delta``."""
+
+    leaves: tuple[str, ...] = ("delta",)
+
+    def init(self, key, shape, config):
+        return {"delta": jnp.zeros(shape, jnp.float32)}
+
+    def delta(self, offset, kernel):
+        return _f32(offset["delta"])
+
+    def l2(self, offset, kernel):
+        return jnp.sum(jnp.square(_f32(offset["delta"])))
+
+
+# Every parameterization by name; :func:`register` adds one.
+KINDS: dict[str, OffsetKind] = {"lowrank": LowRank(), "multiplicative": Multiplicative(), "dense": Dense()}
+
+
+def register(name: str, kind: OffsetKind) -> None:
+    """Makes ``OffsetConfig(kind=name)`` (and concept files that name it) use ``kind``."""
+    KINDS[name] = kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +144,8 @@ class OffsetConfig:
         of self- and cross-attention; add ``OUTPUT_PROJECTIONS`` for ``to_out_0``.
         A longer suffix (``"mid_block.attentions_0.transformer_blocks_0.attn1.to_q"``)
         selects fewer kernels.
-      kind: ``"lowrank"``, ``"multiplicative"`` or ``"dense"`` (see the module
-        docstring). The paper's exact form could not be confirmed by this project;
-        the low-rank additive default is a choice.
+      kind: a name in :data:`KINDS` (see the module docstring). The paper's exact form
+        could not be confirmed by this project; the low-rank additive default is a choice.
       rank: inner dimension ``r`` of the low-rank offsets. 4 is diffusers' LoRA
         default, not a number from the paper.
       init_scale: standard deviation of ``down`` at init (``up`` starts at zero, so
@@ -71,19 +159,19 @@ class OffsetConfig:
     init_scale: float | None = None
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {self.kind!r}.")
+        get_kind(self.kind)
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}.")
         if not self.targets or any("" in t.split(".") for t in self.targets):
             raise ValueError(f"targets must be non-empty dotted module paths such as 'attn1.to_q', got {self.targets}.")
 
 
-def _kind(config_or_kind: OffsetConfig | str) -> str:
-    kind = config_or_kind.kind if isinstance(config_or_kind, OffsetConfig) else config_or_kind
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}.")
-    return kind
+def get_kind(config_or_kind: OffsetConfig | str) -> OffsetKind:
+    """The registered :class:`OffsetKind` of a config or a kind name."""
+    name = config_or_kind.kind if isinstance(config_or_kind, OffsetConfig) else config_or_kind
+    if name not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {name!r}.")
+    return KINDS[name]
 
 
 def select_paths(unet_params: PyTree, config: OffsetConfig) -> list[Path]:
@@ -128,20 +216,15 @@ def init_offsets(rng: jax.Array, unet_params: PyTree, config: OffsetConfig) -> P
       float32 pytree with the selected kernels' paths; per kernel of shape
       ``[..., Dout]`` (``Din`` = the product of the leading dims): lowrank
       ``{"down": [Din, r], "up": [r, Dout]}``, multiplicative ``{"scale": W.shape}``,
-      dense ``{"delta": W.shape}``.
+      dense ``{"delta": W.shape}``; a registered kind, what its ``init`` returns.
     """
     flat = traverse_util.flatten_dict(unet_params)
     paths = select_paths(unet_params, config)
-    std = 1.0 / config.rank if config.init_scale is None else config.init_scale
+    kind = get_kind(config)
     offsets = {}
     for key, path in zip(jax.random.split(rng, len(paths)), paths):
-        shape = tuple(flat[path].shape)
-        if config.kind == "lowrank":
-            fan_in = math.prod(shape[:-1])
-            offsets[path + ("down",)] = std * jax.random.normal(key, (fan_in, config.rank), jnp.float32)
-            offsets[path + ("up",)] = jnp.zeros((config.rank, shape[-1]), jnp.float32)
-        else:
-            offsets[path + KINDS[config.kind]] = jnp.zeros(shape, jnp.float32)
+        for name, value in kind.init(key, tuple(flat[path].shape), config).items():
+            offsets[path + (name,)] = value
     return traverse_util.unflatten_dict(offsets)
 
 
@@ -153,26 +236,19 @@ def _group_by_kernel(offsets: PyTree) -> dict[Path, dict[str, Any]]:
 
 
 def offset_leaves(offsets: PyTree, config_or_kind: OffsetConfig | str) -> dict[Path, dict[str, Any]]:
-    """Kernel path -> that kernel's offset dict (``{"down", "up"}``, ...), checked against ``kind``."""
-    kind = _kind(config_or_kind)
+    """Kernel path -> that kernel's offset dict (``{"down", "up"}``, ...), checked against the kind."""
+    name = config_or_kind.kind if isinstance(config_or_kind, OffsetConfig) else config_or_kind
+    expected = get_kind(config_or_kind).leaves
     leaves = _group_by_kernel(offsets)
     for path, leaf in leaves.items():
-        if set(leaf) != set(KINDS[kind]):
-            raise ValueError(f"The offset at {'/'.join(path)} has {sorted(leaf)}; a {kind} offset has {list(KINDS[kind])}.")
+        if set(leaf) != set(expected):
+            raise ValueError(f"The offset at {'/'.join(path)} has {sorted(leaf)}; a {name} offset has {list(expected)}.")
     return leaves
 
 
 def delta(offset: dict[str, jax.Array], kernel: jax.Array, config_or_kind: OffsetConfig | str) -> jax.Array:
     """The weight change ``dW`` of one kernel: computed in float32, returned in ``kernel.dtype``."""
-    kind = _kind(config_or_kind)
-    if kind == "lowrank":
-        change = jnp.matmul(offset["down"].astype(jnp.float32), offset["up"].astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
-    elif kind == "multiplicative":
-        change = kernel.astype(jnp.float32) * offset["scale"].astype(jnp.float32)
-    else:
-        change = offset["delta"].astype(jnp.float32)
-    return change.astype(kernel.dtype)
+    return get_kind(config_or_kind).delta(offset, kernel).astype(kernel.dtype)
 
 
 def apply_offsets(unet_params: PyTree, offsets: PyTree, config_or_kind: OffsetConfig | str) -> PyTree:
@@ -187,12 +263,11 @@ def apply_offsets(unet_params: PyTree, offsets: PyTree, config_or_kind: OffsetCo
       A new nested dict; kernels with offsets are new arrays of the kernel's dtype,
       every other leaf is the very same object as in ``unet_params``.
     """
-    kind = _kind(config_or_kind)
     flat = traverse_util.flatten_dict(unet_params)
-    for path, offset in offset_leaves(offsets, kind).items():
+    for path, offset in offset_leaves(offsets, config_or_kind).items():
         if path not in flat:
             raise KeyError(f"The offsets modify {'/'.join(path)}, which the U-Net params do not have.")
-        flat[path] = flat[path] + delta(offset, flat[path], kind)
+        flat[path] = flat[path] + delta(offset, flat[path], config_or_kind)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -205,29 +280,17 @@ def merge_offsets(unet_params: PyTree, offsets: PyTree, config_or_kind: OffsetCo
 def offset_l2(offsets: PyTree, config_or_kind: OffsetConfig | str, unet_params: PyTree | None = None) -> jax.Array:
     """Sum over the modified kernels of ``||dW||_F^2``, the actual weight change.
 
-    lowrank: ``||down @ up||^2``, computed without forming ``dW`` as
-    ``sum((down^T down) * (up up^T))``; dense: ``||delta||^2``; multiplicative:
-    ``||W * scale||^2`` (the change of the weights, not of the relative ``scale``), so
-    it needs ``unet_params``.
+    Each kind computes its own (lowrank without forming ``dW``; multiplicative needs
+    ``unet_params``, since its change is ``W * scale``).
 
     Returns:
       float32 scalar.
     """
-    kind = _kind(config_or_kind)
-    flat = traverse_util.flatten_dict(unet_params) if unet_params is not None else None
-    if kind == "multiplicative" and flat is None:
-        raise ValueError("offset_l2 of multiplicative offsets needs unet_params: the change is W * scale.")
+    kind = get_kind(config_or_kind)
+    flat = traverse_util.flatten_dict(unet_params) if unet_params is not None else {}
     total = jnp.zeros((), jnp.float32)
-    for path, offset in offset_leaves(offsets, kind).items():
-        if kind == "lowrank":
-            down, up = offset["down"].astype(jnp.float32), offset["up"].astype(jnp.float32)
-            gram_down = jnp.matmul(down.T, down, precision=jax.lax.Precision.HIGHEST)
-            gram_up = jnp.matmul(up, up.T, precision=jax.lax.Precision.HIGHEST)
-            total += jnp.sum(gram_down * gram_up)
-        elif kind == "multiplicative":
-            total += jnp.sum(jnp.square(flat[path].astype(jnp.float32) * offset["scale"].astype(jnp.float32)))
-        else:
-            total += jnp.sum(jnp.square(offset["delta"].astype(jnp.float32)))
+    for path, offset in offset_leaves(offsets, config_or_kind).items():
+        total += kind.l2(offset, flat.get(path))
     return total
 
 
@@ -241,7 +304,7 @@ def describe(offsets: PyTree) -> str:
     leaves = _group_by_kernel(offsets)
     if not leaves:
         return "no weight offsets"
-    kinds = sorted({kind for kind, names in KINDS.items() for leaf in leaves.values() if set(leaf) == set(names)})
+    kinds = sorted({name for name, kind in KINDS.items() for leaf in leaves.values() if set(leaf) == set(kind.leaves)})
     per_target = Counter(".".join(path[-3:-1]) for path in leaves)
     targets = ", ".join(f"{target} x{n}" for target, n in sorted(per_target.items()))
     ranks = sorted({int(np.shape(leaf["up"])[0]) for leaf in leaves.values() if "up" in leaf})

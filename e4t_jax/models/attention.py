@@ -7,10 +7,11 @@ picks one per call (at trace time):
 - GPU, float16/bfloat16, no mask: cuDNN's fused attention
   (``jax.nn.dot_product_attention(implementation="cudnn")``), when cuDNN accepts the
   shapes;
-- no mask and at least ``FLASH_MIN_SCORES`` query-key pairs per head (the U-Net's
-  self- and cross-attention at 16x16 latents and up): :func:`flash_attention`, whose
-  hand-written backward keeps only the output and the log-sum-exp of each query
-  instead of the ``[B, H, Lq, Lk]`` probabilities;
+- no mask and at least ``RECOMPUTE_MIN_SCORES`` query-key pairs per head (the U-Net's
+  self- and cross-attention at 16x16 latents and up): :func:`recompute_attention`, whose
+  hand-written backward keeps only the output and the log-sum-exp of each query and
+  recomputes the ``[B, H, Lq, Lk]`` probabilities from them, one cache-sized block of
+  heads or queries at a time (not an online softmax: each query sees all keys at once);
 - otherwise (masks, e.g. CLIP's causal mask; short sequences):
   :func:`einsum_attention`, which XLA differentiates by itself.
 """
@@ -26,8 +27,8 @@ from jax import lax
 
 # Below this many scores per head (Lq * Lk) the plain einsum is as fast on CPU
 # (measured: bench/RESULTS.md).
-FLASH_MIN_SCORES = 1 << 14
-# Score elements per loop step of flash_attention. On CPU, 2**20 (4 MiB of float32)
+RECOMPUTE_MIN_SCORES = 1 << 14
+# Score elements per loop step of recompute_attention. On CPU, 2**20 (4 MiB of float32)
 # stays in cache: 1024 tokens run one head per step, 4096 tokens 256 queries per step.
 _CPU_BLOCK_ELEMENTS = 1 << 20
 # Elsewhere, only split when the scores of all heads would exceed 1 GiB of float32.
@@ -64,8 +65,8 @@ def dot_product_attention(
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError):
             pass  # cuDNN refused these shapes or this GPU; fall through.
-    if mask is None and q.shape[1] * k.shape[1] >= FLASH_MIN_SCORES:
-        return flash_attention(q, k, v, scale, upcast)
+    if mask is None and q.shape[1] * k.shape[1] >= RECOMPUTE_MIN_SCORES:
+        return recompute_attention(q, k, v, scale, upcast)
     return einsum_attention(q, k, v, mask=mask, scale=scale, upcast=upcast)
 
 
@@ -87,7 +88,7 @@ def einsum_attention(q, k, v, *, mask=None, scale=None, upcast=True):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = True) -> jax.Array:
+def recompute_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = True) -> jax.Array:
     """Unmasked attention with a memory-lean, cache-friendly hand-written backward.
 
     Same arguments and result as :func:`dot_product_attention` (no mask). Each head's
@@ -97,7 +98,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upca
     recomputes the probabilities from them. Logits are ``upcast`` to float32 or kept in
     ``q.dtype``; the softmax statistics are float32 either way.
     """
-    return _flash_forward(q, k, v, scale, upcast)[0]
+    return _recompute_forward(q, k, v, scale, upcast)[0]
 
 
 def _matmul(a, b, contract_a, contract_b, dtype):
@@ -105,7 +106,7 @@ def _matmul(a, b, contract_a, contract_b, dtype):
     return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0,), (0,))), preferred_element_type=dtype)
 
 
-def _flash_forward(q, k, v, scale, upcast):
+def _recompute_forward(q, k, v, scale, upcast):
     compute = jnp.float32 if upcast else q.dtype
     blocks = _Blocks.plan(q.shape, k.shape[1])
     queries = blocks.split_queries(q.astype(compute) * scale)
@@ -131,7 +132,7 @@ def _block_forward(q, k_t, v, compute):
     return out, (peak + jnp.log(total))[..., 0]
 
 
-def _flash_backward(scale, upcast, residuals, d_out):
+def _recompute_backward(scale, upcast, residuals, d_out):
     q, k, v, out, lse = residuals
     compute = jnp.float32 if upcast else q.dtype
     blocks = _Blocks.plan(q.shape, k.shape[1])
@@ -174,12 +175,12 @@ def _block_backward(q, d_out, lse, delta, k_t, k, v_t, compute):
     return dq, dk_t, dv_t
 
 
-flash_attention.defvjp(_flash_forward, _flash_backward)
+recompute_attention.defvjp(_recompute_forward, _recompute_backward)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Blocks:
-    """How flash_attention walks the ``B * H`` heads and ``Lq`` queries.
+    """How recompute_attention walks the ``B * H`` heads and ``Lq`` queries.
 
     The heads are cut into groups of ``group`` (an outer loop); each group's queries,
     padded to ``n_blocks * block`` rows, into ``n_blocks`` blocks (an inner loop).

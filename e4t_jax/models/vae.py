@@ -266,10 +266,11 @@ def encode_to_latents(params, module: AutoencoderKL, images: jax.Array, rng: jax
     """Images ``[B, H, W, C]`` in ``[-1, 1]`` -> diffusion latents ``[B, H/f, W/f, latent_channels]``.
 
     Uses the posterior mean when ``rng`` is None, a posterior sample otherwise, then
-    applies ``(z - shift_factor) * scaling_factor`` as the diffusers pipelines do.
+    applies ``(z - shift_factor) * scaling_factor`` as the diffusers pipelines do, in
+    float32 (the latents are float32 whatever the module's dtype).
     """
     mean, logvar = module.apply({"params": params}, images, method=AutoencoderKL.encode)
-    latents = mean if rng is None else sample_latents(mean, logvar, rng)
+    latents = (mean if rng is None else sample_latents(mean, logvar, rng)).astype(jnp.float32)
     shift = module.config.shift_factor or 0.0
     return (latents - shift) * module.config.scaling_factor
 

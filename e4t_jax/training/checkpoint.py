@@ -7,20 +7,16 @@ A training checkpoint step holds three items (``ocp.args.Composite``):
   abstract target (``jax.ShapeDtypeStruct`` with ``.sharding``);
 - ``data``: the input iterator state of every process (JSON; see
   :func:`e4t_jax.training.data.dataset_state`), gathered across processes at save;
-- ``config``: the run's configuration (JSON).
+- ``config``: the run's configuration (JSON; :func:`e4t_jax.config.to_dict` of its
+  config tree), which :func:`read_config` reads alone, to validate a resume before
+  any array is restored.
 
 Saves are asynchronous by default: call ``manager.wait_until_finished()`` (or
 ``manager.close()``) before the program exits.
-
-An exported domain encoder is a standalone orbax directory with items ``params``
-(``{"encoder": ..., "offsets": ...}``) and ``config`` (JSON, with a ``base_model``
-identity from :func:`base_model_identity` that :func:`load_encoder` checks).
 """
 from __future__ import annotations
 
 import base64
-import dataclasses
-import hashlib
 import json
 import os
 from typing import Any
@@ -29,52 +25,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from e4t_jax.files import absolute
+
 PyTree = Any
 
-_IDENTITY_NAMES = {
-    "text_width": "text width",
-    "cross_attention_dim": "U-Net cross-attention width",
-    "unet_config_sha256": "U-Net config fingerprint (sha256)",
-}
 
+def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 3, save_every: int = 1,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+    """An orbax ``CheckpointManager`` for training states (creates the directory).
 
-def _absolute(directory: str | os.PathLike) -> str:
-    """Orbax wants absolute paths; URLs (gs://...) are kept as they are."""
-    directory = os.fspath(directory)
-    return directory if "://" in directory else os.path.abspath(os.path.expanduser(directory))
-
-
-# ------------------------------------------------------------------------ training state
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    """Where and how often the training state is saved.
-
-    Attributes:
+    Args:
       directory: checkpoint root (local path or a ``gs://`` URL).
       max_to_keep: keep the last N steps; older ones are deleted.
       save_every: save only steps that are multiples of this (unless forced).
       async_save: write in a background thread while training continues.
     """
-
-    directory: str
-    max_to_keep: int = 3
-    save_every: int = 1000
-    async_save: bool = True
-
-    def open(self) -> ocp.CheckpointManager:
-        return open_manager(self.directory, max_to_keep=self.max_to_keep, save_every=self.save_every,
-                            async_save=self.async_save)
-
-
-def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 3, save_every: int = 1,
-                 async_save: bool = True) -> ocp.CheckpointManager:
-    """An orbax ``CheckpointManager`` for training states (creates the directory)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_every,
         enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(_absolute(directory), options=options,
+    return ocp.CheckpointManager(absolute(directory), options=options,
                                  item_names=("state", "data", "config"))
 
 
@@ -168,80 +137,13 @@ def restore(manager: ocp.CheckpointManager, step: int | None = None, *,
     return restored["state"], _decode_data_state(per_process[jax.process_index()]), restored["config"]
 
 
-# ------------------------------------------------------------------------ domain encoder
-
-
-def base_model_identity(unet_config: dict[str, Any], text_width: int) -> dict[str, Any]:
-    """What a domain encoder depends on in the base model.
-
-    Args:
-      unet_config: the U-Net's ``config.json`` contents.
-      text_width: the text encoder's hidden size (768 for SD 1.x, 1024 for SD 2.x).
-
-    Returns:
-      ``{"text_width", "cross_attention_dim", "unet_config_sha256"}``; the sha256 is
-      taken over the config with sorted keys, without bookkeeping keys (``_...``).
-    """
-    architecture = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode("utf-8")).hexdigest()
-    return {"text_width": int(text_width), "cross_attention_dim": unet_config.get("cross_attention_dim"),
-            "unet_config_sha256": digest}
-
-
-def _encoder_checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-        params=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler()))
-
-
-def export_encoder(directory: str | os.PathLike, *, encoder_params: PyTree, offsets: PyTree,
-                   config: dict[str, Any], overwrite: bool = False) -> None:
-    """Writes a standalone domain-encoder checkpoint (params + offsets + config).
-
-    Args:
-      directory: the new checkpoint directory.
-      encoder_params: the encoder's params pytree.
-      offsets: the weight-offset pytree (may be empty).
-      config: JSON-able; must hold ``base_model`` (see :func:`base_model_identity`).
-      overwrite: replace an existing directory.
-    """
-    if "base_model" not in config:
-        raise ValueError("the encoder config needs a 'base_model' entry (see base_model_identity) so that "
-                         "load_encoder can check the base model it is used with")
-    checkpointer = _encoder_checkpointer()
-    checkpointer.save(_absolute(directory), args=ocp.args.Composite(
-        params=ocp.args.StandardSave({"encoder": encoder_params, "offsets": offsets}),
-        config=ocp.args.JsonSave(config)), force=overwrite)
-
-
-def load_encoder(directory: str | os.PathLike, *, expected: dict[str, Any] | None,
-                 sharding: jax.sharding.Sharding | None = None) -> tuple[PyTree, PyTree, dict[str, Any]]:
-    """Loads ``(encoder_params, offsets, config)`` exported by :func:`export_encoder`.
-
-    Args:
-      directory: the encoder checkpoint.
-      expected: the identity of the base model it will be used with
-        (:func:`base_model_identity`); None skips the check.
-      sharding: sharding of every array (default: the first local device).
+def read_config(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
+    """The config saved with a step (the latest by default), without restoring any array.
 
     Raises:
-      FileNotFoundError: the directory is missing or not an encoder checkpoint.
-      ValueError: the encoder was pre-trained for another base model.
+      FileNotFoundError: no checkpoint.
     """
-    path = _absolute(directory)
-    if not os.path.isdir(os.path.join(path, "config")) and "://" not in path:
-        what = "does not exist" if not os.path.exists(path) else "is not an exported E4T encoder (no config item)"
-        raise FileNotFoundError(f"encoder checkpoint {path} {what}")
-    checkpointer = _encoder_checkpointer()
-    config = checkpointer.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    if expected is not None:
-        saved = config.get("base_model", {})
-        mismatches = [f"{_IDENTITY_NAMES.get(key, key)} {saved.get(key)}; this model has {value}"
-                      for key, value in expected.items() if saved.get(key) != value]
-        if mismatches:
-            raise ValueError(f"encoder {path} was pre-trained for a base model with " + ", and ".join(mismatches)
-                             + ". Use the base model it was trained with, or pre-train an encoder for this one.")
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    tree = checkpointer.metadata(path).item_metadata["params"].tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
-    params = checkpointer.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-    return params["encoder"], params["offsets"], config
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

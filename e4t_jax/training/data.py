@@ -1,5 +1,8 @@
 """Input pipeline for domain pre-training: image folders -> augmented batches + prompts.
 
+Also the single-image batches of personalization (:func:`augmented_batch`) and the
+prompt templates of each domain (:func:`templates_for_domain`).
+
 Built on grain: a random-access ``MapDataset`` over the files of this host's shard,
 shuffled per epoch, repeated, decoded and augmented in background threads
 (``ReadOptions``; optionally worker processes with ``mp_prefetch``), then filtered and
@@ -62,7 +65,31 @@ PROMPT_TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
+# Domain word -> its templates in PROMPT_TEMPLATES; other words get "generic".
+TEMPLATES_FOR_WORD = {"face": "face", "person": "face", "man": "face", "woman": "face", "cat": "cat",
+                      "painting": "art", "art": "art", "style": "art"}
+
 _NUMERIC_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What a pre-training run reads, and how it augments it.
+
+    Attributes:
+      root: the image folder (searched recursively); required by a run.
+      size: the side of the square training images; None: the model's image size.
+      templates: a domain name of :data:`PROMPT_TEMPLATES` or a template file; None:
+        the domain word's (:func:`templates_for_domain`).
+      crop_scale: range of the random crop side as a fraction of the shortest side.
+      flip: random horizontal flips.
+    """
+
+    root: str = ""
+    size: int | None = None
+    templates: str | None = None
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    flip: bool = True
 
 
 class RandomAccessImages(Protocol):
@@ -142,6 +169,22 @@ def _shrink(image: Image.Image, size: int) -> Image.Image:
     return image.resize(target, Image.Resampling.LANCZOS)
 
 
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 ``[H, W, 3]``, or an error that says what is wrong with it.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is not a readable picture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    image = load_image(path)
+    if image is None:
+        raise ValueError(f"{path} is not a readable picture (jpg, png, webp, ...)")
+    return image
+
+
 def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray | None:
     """Reads an image file as uint8 ``[H, W, 3]``, upright (EXIF orientation applied).
 
@@ -181,7 +224,7 @@ def _to_unit_range(image: Image.Image) -> np.ndarray:
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, size: int, *,
-            crop_scale: tuple[float, float] = (0.8, 1.0), flip: bool = True) -> np.ndarray:
+            crop_scale: tuple[float, float] = DataConfig.crop_scale, flip: bool = DataConfig.flip) -> np.ndarray:
     """Random square crop, resize, horizontal flip.
 
     Args:
@@ -205,6 +248,34 @@ def augment(image: np.ndarray, rng: np.random.Generator, size: int, *,
     if mirror:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_unit_range(crop)
+
+
+def augmented_batch(image: np.ndarray, *, size: int, batch_size: int, rng: np.random.Generator,
+                    mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``batch_size`` random crops/flips of ONE image (and of its mask, identically).
+
+    Args:
+      image: uint8 ``[H, W, 3]``.
+      size: output side.
+      rng: the only source of randomness.
+      mask: optional uint8 ``[H, W, 3]`` mask image (white = keep).
+
+    Returns:
+      ``{"pixels": float32 [B, size, size, 3] in [-1, 1], "index": int32 [B]}`` and,
+      with a mask, ``"mask"``: float32 ``[B, size, size]`` in [0, 1].
+    """
+    pixels, masks = [], []
+    for _ in range(batch_size):
+        state = rng.bit_generator.state
+        pixels.append(augment(image, rng, size))
+        if mask is not None:
+            twin = np.random.default_rng()
+            twin.bit_generator.state = state
+            masks.append((augment(mask, twin, size)[..., 0] + 1) / 2)
+    batch = {"pixels": np.stack(pixels), "index": np.arange(batch_size, dtype=np.int32)}
+    if mask is not None:
+        batch["mask"] = np.stack(masks)
+    return batch
 
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -249,6 +320,16 @@ def load_templates(domain_or_file: str | os.PathLike) -> list[str]:
                          "or a text file with one template per line")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     return _check_templates([line for line in lines if line], f"template file {path}")
+
+
+def templates_for_domain(domain_word: str) -> list[str]:
+    """The prompt templates for a domain word (``face`` -> the face templates, ...)."""
+    return load_templates(TEMPLATES_FOR_WORD.get(domain_word, "generic"))
+
+
+def prompts_for(templates: Sequence[str], placeholder: str, count: int) -> list[str]:
+    """``count`` prompts: the templates in turn, with ``placeholder`` at ``{}``."""
+    return [templates[i % len(templates)].format(placeholder) for i in range(count)]
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -359,8 +440,8 @@ def make_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
     num_epochs: int | None = None,
-    crop_scale: tuple[float, float] = (0.8, 1.0),
-    flip: bool = True,
+    crop_scale: tuple[float, float] = DataConfig.crop_scale,
+    flip: bool = DataConfig.flip,
     read_threads: int = 8,
     prefetch: int = 2,
     workers: int = 0,

@@ -27,9 +27,10 @@ Start one process per host (per GPU is also fine) with the same program, and cal
 or pass them as arguments. On Cloud TPU pods, SLURM and Open MPI, call
 ``initialize_distributed(auto=True)`` instead: JAX detects the three values itself.
 On CPU the cross-process collectives use gloo over TCP. Each process then reads only
-its share of the global batch, rows ``host_batch_slice(global_batch_size)``, and
-feeds them to the driver (which calls :func:`shard_batch`). Every process must run
-the same steps in the same order.
+its share of the global batch (``B / process_count`` rows, e.g. its shard of the
+image files, see :func:`e4t_jax.training.data.make_dataset`) and feeds them to the
+driver (which calls :func:`shard_batch`). Every process must run the same steps in the
+same order.
 """
 from __future__ import annotations
 
@@ -254,15 +255,3 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                                process_id=None if process_id is None else int(process_id))
     return True
 
-
-def host_batch_slice(global_batch_size: int) -> tuple[int, int]:
-    """``(start, size)``: the rows of the global batch that this process reads.
-
-    Raises ValueError unless the global batch splits evenly over processes and devices.
-    """
-    processes, devices = jax.process_count(), jax.device_count()
-    if global_batch_size % devices:
-        raise ValueError(f"global batch size {global_batch_size} is not a multiple of the "
-                         f"{devices} devices ({processes} processes)")
-    size = global_batch_size // processes
-    return jax.process_index() * size, size

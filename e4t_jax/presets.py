@@ -1,9 +1,9 @@
-"""An embedded tiny Stable Diffusion in diffusers format, created locally with no download.
+"""Embedded Stable Diffusion models in diffusers format, created locally with no download.
 
-``python -m e4t_jax.tiny --out DIR`` writes a complete model folder - ``unet/``,
-``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``image_encoder/`` (the CLIP
-vision tower E4T's encoder reads) and ``model_index.json`` - with random weights from
-our own Flax initializers. diffusers' ``StableDiffusionPipeline.from_pretrained`` and
+``python -m e4t_jax.presets --out DIR [--preset tiny]`` writes a complete model folder -
+``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``image_encoder/``
+(the CLIP vision tower E4T's encoder reads) and ``model_index.json`` - with random
+weights from our own Flax initializers. diffusers' ``StableDiffusionPipeline.from_pretrained`` and
 transformers load it too, which is what the parity tests rely on.
 
 Presets:
@@ -16,12 +16,12 @@ Presets:
   256x256 images (32x32 latents).
 
 ``--model tiny`` (or ``medium``) anywhere in the CLIs means: this folder, created
-once under ``~/.cache/e4t_jax/``.
+once under ``~/.cache/e4t_jax/``. A preset is one entry of :data:`PRESETS`: a function
+that returns the ``config.json`` of every component.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import copy
 import json
 import os
@@ -31,13 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e4t_jax import __version__, weights
+from e4t_jax import __version__, files, weights
 from e4t_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer
 from e4t_jax.models.unet import UNet2DConditionModel, UNetConfig
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
 from e4t_jax.tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer_files
 
-PRESETS = ("tiny", "medium")
 CACHE_ROOT = Path(os.environ.get("E4T_HOME", Path.home() / ".cache" / "e4t_jax"))
 
 _SCHEDULER = {
@@ -72,22 +71,33 @@ _VISION = {
 }
 
 
+def _tiny() -> dict[str, dict]:
+    return {"unet": copy.deepcopy(_UNET), "vae": copy.deepcopy(_VAE), "text_encoder": copy.deepcopy(_TEXT),
+            "image_encoder": copy.deepcopy(_VISION), "scheduler": copy.deepcopy(_SCHEDULER)}
+
+
+def _medium() -> dict[str, dict]:
+    configs = _tiny()
+    configs["unet"].update(
+        sample_size=32, block_out_channels=[64, 128, 256], layers_per_block=2, attention_head_dim=8,
+        cross_attention_dim=64, norm_num_groups=32,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    configs["vae"].update(sample_size=256)
+    configs["text_encoder"].update(hidden_size=64, intermediate_size=128, projection_dim=64)
+    configs["image_encoder"].update(hidden_size=64, intermediate_size=128, image_size=64, projection_dim=64)
+    return configs
+
+
+# Preset name -> the diffusers/transformers ``config.json`` of every component.
+PRESETS = {"tiny": _tiny, "medium": _medium}
+
+
 def preset_configs(preset: str) -> dict[str, dict]:
     """The diffusers/transformers ``config.json`` of every component of a preset."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    configs = {"unet": copy.deepcopy(_UNET), "vae": copy.deepcopy(_VAE), "text_encoder": copy.deepcopy(_TEXT),
-               "image_encoder": copy.deepcopy(_VISION), "scheduler": copy.deepcopy(_SCHEDULER)}
-    if preset == "medium":
-        configs["unet"].update(
-            sample_size=32, block_out_channels=[64, 128, 256], layers_per_block=2, attention_head_dim=8,
-            cross_attention_dim=64, norm_num_groups=32,
-            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
-        configs["vae"].update(sample_size=256)
-        configs["text_encoder"].update(hidden_size=64, intermediate_size=128, projection_dim=64)
-        configs["image_encoder"].update(hidden_size=64, intermediate_size=128, image_size=64, projection_dim=64)
-    return configs
+        raise ValueError(f"unknown preset {preset!r}; choose one of {tuple(PRESETS)}")
+    return PRESETS[preset]()
 
 
 def random_params(module, *inputs, seed: int) -> dict:
@@ -163,38 +173,15 @@ def preset_dir(preset: str) -> Path:
     """The preset's folder under ``~/.cache/e4t_jax`` (``$E4T_HOME``), created on first use."""
     folder = CACHE_ROOT / f"{preset}-sd-v{__version__}"
     if not (folder / "model_index.json").is_file():
-        from e4t_jax.cli import atomic_path
-
-        with atomic_path(folder) as tmp:
+        with files.atomic_path(folder) as tmp:
             write_model(tmp, preset)
-    return folder
-
-
-def preset_encoder_dir(preset: str = "tiny", domain_word: str = "face") -> Path:
-    """A domain encoder for a preset model, built once under ``~/.cache/e4t_jax``.
-
-    Its head is randomly initialized and its offsets are zero: it is not pre-trained
-    (``e4t-pretrain`` makes a real one), so it demonstrates the mechanics only.
-    """
-    from e4t_jax.cli import atomic_path
-    from e4t_jax.e4t import model as model_lib
-    from e4t_jax.e4t.encoder import EncoderConfig
-
-    folder = CACHE_ROOT / f"{preset}-encoder-{domain_word}-v{__version__}"
-    if not (folder / "config").is_dir():
-        width = 64 if preset == "tiny" else 256
-        e = model_lib.build(preset_dir(preset), domain_word=domain_word,
-                            encoder=EncoderConfig(clip_dim=width, unet_dim=width, hidden_dim=width))
-        e.sd = dataclasses.replace(e.sd, model_id=preset)
-        with atomic_path(folder) as tmp:
-            model_lib.export_encoder(e, tmp, pretrained_steps=0)
     return folder
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--preset", choices=PRESETS, default="tiny")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(write_model(args.out, args.preset, args.seed))

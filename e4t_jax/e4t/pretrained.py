@@ -1,0 +1,118 @@
+"""Domain encoder folders: export a trained E4T, load it back for a base model.
+
+A domain encoder is an orbax directory (:func:`e4t_jax.files.export_encoder`) holding
+the head params and the weight offsets, and a JSON config::
+
+    {"e4t": E4TConfig as a dict, "base_model": identity, "model_id": ...,
+     "e4t_jax_version": ..., "pretrained_steps": ...}
+
+Loading parses ``e4t`` strictly (:func:`e4t_jax.config.from_dict`) and checks
+``base_model`` against the model it is loaded for. Folders written by e4t-jax 0.1 (flat
+config keys, ``clip_``-named head fields and params) are read too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from e4t_jax import __version__, config as config_lib, files, presets, weights
+from e4t_jax.e4t.config import E4TConfig, ModelConfig
+from e4t_jax.e4t.encoder import EncoderConfig
+from e4t_jax.e4t.model import E4T, E4TParams, build, load_parts
+from e4t_jax.errors import UserError
+
+
+def model_identity(sd) -> dict[str, Any]:
+    """The base-model identity (:func:`e4t_jax.files.base_model_identity`) of a loaded model."""
+    return files.base_model_identity(weights.read_config(sd.folder / "unet"), sd.text_dim)
+
+
+def encoder_config(e: E4T, **extra: Any) -> dict[str, Any]:
+    """The JSON config stored beside a domain encoder's params."""
+    return {"e4t": config_lib.to_dict(e.config), "base_model": model_identity(e.sd), "model_id": e.sd.model_id,
+            "e4t_jax_version": __version__, **extra}
+
+
+def export_encoder(e: E4T, directory: str | os.PathLike, params: E4TParams | None = None, **extra: Any) -> None:
+    """Writes a domain encoder (head params + offsets + config) that :func:`load_pretrained` reads.
+
+    Args:
+      params: the trained params (default ``e.params``).
+      extra: more JSON-able entries for the config (e.g. ``pretrained_steps``).
+    """
+    params = jax.device_get(params or e.params)
+    files.export_encoder(directory, encoder_params=params.head, offsets=params.offsets,
+                         config=encoder_config(e, **extra), overwrite=True)
+
+
+# e4t-jax 0.1 encoder folders: renamed encoder fields, and the head's per-layer projections.
+_V1_ENCODER_FIELDS = {"clip_layer_stride": "layer_stride", "clip_dim": "vision_dim"}
+_V1_HEAD_PREFIX = ("clip_proj_", "vision_proj_")
+
+
+def _config_tree(raw: dict[str, Any]) -> Any:
+    """The ``E4TConfig`` dict of an encoder config, also from the flat layout of e4t-jax 0.1."""
+    if "e4t" in raw:
+        return raw["e4t"]
+    source = raw["clip_vision"]
+    return {"model": {"base": raw["model_id"], "vision_source": None if source == "image_encoder" else source,
+                      "domain_word": raw["domain_word"], "placeholder": raw["placeholder"]},
+            "encoder": {_V1_ENCODER_FIELDS.get(k, k): v for k, v in raw["encoder"].items()},
+            "offsets": raw["offsets"], "loss": {"lambda_emb": raw["lambda_emb"], "lambda_w": raw["lambda_w"]}}
+
+
+def read_config(encoder_dir: str | os.PathLike) -> tuple[E4TConfig, dict[str, Any]]:
+    """``(config, raw JSON)`` of an encoder folder; a :class:`UserError` if it is foreign."""
+    raw = files.read_encoder_config(encoder_dir)
+    try:
+        return config_lib.from_dict(E4TConfig, _config_tree(raw), "encoder config"), raw
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{encoder_dir} is not an encoder this version can read: {error!r}") from error
+
+
+def load_pretrained(model_id: str | os.PathLike, encoder_dir: str | os.PathLike, *,
+                    vision_source: str | None = None, placeholder: str | None = None,
+                    dtype: Any = jnp.float32, remat: bool = False) -> E4T:
+    """E4T for ``model_id`` with the pre-trained domain encoder of ``encoder_dir``.
+
+    Args:
+      vision_source, placeholder: replace the encoder's (``ModelConfig`` fields).
+      dtype, remat: as :func:`e4t_jax.e4t.model.build`.
+
+    Raises:
+      FileNotFoundError: ``encoder_dir`` is not an exported encoder.
+      UserError: its config is unreadable, or it was pre-trained for another base model.
+    """
+    config, raw = read_config(encoder_dir)
+    model = dataclasses.replace(config.model, base=str(model_id),
+                                vision_source=vision_source or config.model.vision_source,
+                                placeholder=placeholder or config.model.placeholder)
+    model, frozen, tokenizer = load_parts(dataclasses.replace(config, model=model), dtype=dtype, remat=remat)
+    try:
+        head, offsets, _ = files.load_encoder(encoder_dir, expected=model_identity(model.sd))
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    old, new = _V1_HEAD_PREFIX
+    head = {name.replace(old, new, 1) if name.startswith(old) else name: value for name, value in head.items()}
+    return E4T(model, frozen, E4TParams(head=head, offsets=offsets), tokenizer)
+
+
+def preset_encoder_dir(preset: str = "tiny", domain_word: str = "face") -> Path:
+    """A domain encoder for a preset model, built once under ``~/.cache/e4t_jax``.
+
+    Its head is randomly initialized and its offsets are zero: it is not pre-trained
+    (``e4t-pretrain`` makes a real one), so it demonstrates the mechanics only.
+    """
+    folder = presets.CACHE_ROOT / f"{preset}-encoder-{domain_word}-v{__version__}"
+    if not (folder / "config").is_dir():
+        width = 64 if preset == "tiny" else 256
+        e = build(E4TConfig(model=ModelConfig(base=preset, domain_word=domain_word),
+                            encoder=EncoderConfig(vision_dim=width, unet_dim=width, hidden_dim=width)))
+        with files.atomic_path(folder) as tmp:
+            export_encoder(e, tmp, pretrained_steps=0)
+    return folder

@@ -1,0 +1,111 @@
+"""Generation with concept files: prompts in, image files out (what ``e4t-generate`` runs)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from e4t_jax import files, pipeline
+from e4t_jax.e4t import concept as concept_lib
+from e4t_jax.e4t.pretrained import model_identity
+from e4t_jax.errors import UserError
+from e4t_jax.tokenizer import Tokenizer
+
+log = logging.getLogger("e4t.generate")
+
+
+def concept_hooks(concepts: Sequence[concept_lib.Concept], sd: pipeline.StableDiffusion, params: dict,
+                  tokenizer: Tokenizer, *, reencode: bool = False, encoder: str | os.PathLike | None = None,
+                  seed: int = 0) -> pipeline.Hooks:
+    """The sampling hooks of loaded concepts, in order.
+
+    Args:
+      reencode: re-encode each concept image at every denoising step, with the
+        concept's own tuned head, else the head of the domain encoder ``encoder``.
+    """
+    hooks = pipeline.Hooks()
+    for concept in concepts:
+        if not reencode:
+            hooks += concept.hooks()
+            continue
+        head = concept.head
+        if head is None:
+            if encoder is None:
+                raise UserError(f"--reencode: {concept.placeholder}'s concept holds no tuned encoder head "
+                                "(personalize with --save-encoder) and no --encoder was given")
+            try:
+                head, _, _ = files.load_encoder(encoder, expected=model_identity(sd))
+            except ValueError as error:
+                raise UserError(str(error)) from error
+        hooks += concept_lib.reencoding_hooks(concept, sd, params["text"], tokenizer, head_params=head, seed=seed)
+    return hooks
+
+
+def read_latents(path: str | os.PathLike) -> np.ndarray:
+    """Initial noise from a ``.npy`` in diffusers' ``[B, C, h, w]`` layout -> ``[B, h, w, C]``."""
+    latents = np.load(path)
+    if latents.ndim != 4:
+        raise UserError(f"--init-latents must hold a [B, C, h, w] array; got shape {latents.shape}")
+    return latents.transpose(0, 2, 3, 1)
+
+
+def generate_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os.PathLike, *,
+                   concepts: Sequence[str | os.PathLike] = (), negative_prompt: str = "", num_images: int = 1,
+                   init_latents: str | os.PathLike | None = None, reencode: bool = False,
+                   encoder: str | os.PathLike | None = None, dtype: str = "float32", seed: int = 0,
+                   **sampling) -> list[Path]:
+    """Samples ``num_images`` per prompt and writes them (:func:`e4t_jax.pipeline.save_images`).
+
+    Args:
+      model: the base model; ``concepts``: concept files for it (each prompt must name
+        at least one of their placeholders).
+      init_latents: a ``.npy`` of initial noise (:func:`read_latents`).
+      seed: the initial noise (without ``init_latents``) and the re-encoding noise.
+      sampling: ``num_steps``, ``guidance``, ``sampler``, ``height``, ``width`` of
+        :class:`e4t_jax.pipeline.Generator` (its defaults when not given).
+      Others: as :func:`concept_hooks`.
+
+    Returns:
+      The image paths.
+
+    Raises:
+      UserError, FileNotFoundError: bad inputs (one line says what is wrong).
+    """
+    timings, start = {}, time.perf_counter()
+    sd, params, tokenizer = pipeline.load_model(model, dtype=jnp.dtype(dtype))
+    prompts = [p for p in prompts for _ in range(num_images)]
+    loaded = [concept_lib.load_concept(path, sd, tokenizer) for path in concepts]
+    placeholders = [c.placeholder for c in loaded]
+    try:
+        for prompt in prompts:  # each prompt must name at least one of the concepts
+            if placeholders and not any(token in prompt for token in placeholders):
+                tokenizer.require_placeholder([prompt], " or ".join(placeholders))
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    hooks = concept_hooks(loaded, sd, params, tokenizer, reencode=reencode, encoder=encoder, seed=seed)
+    timings["load"] = time.perf_counter() - start
+
+    cond = tokenizer.encode(prompts)
+    uncond = tokenizer.encode([negative_prompt] * len(prompts))
+    generator = pipeline.Generator(sd)
+    kwargs = dict(seed=seed, latents=None if init_latents is None else read_latents(init_latents), hooks=hooks,
+                  **sampling)
+    try:
+        start = time.perf_counter()
+        generator.compile(params, cond, uncond, **kwargs)
+        timings["compile"] = time.perf_counter() - start
+        start = time.perf_counter()
+        images = generator(params, cond, uncond, **kwargs)
+        timings["sample"] = time.perf_counter() - start
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    paths = pipeline.save_images(pipeline.to_uint8(images), prompts, out)
+    log.info("wrote %d images and %s", len(paths), Path(out) / "grid.png")
+    log.info("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
+             + f" ({len(images) / timings['sample']:.2f} images/s)")
+    return paths

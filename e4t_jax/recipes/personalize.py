@@ -1,0 +1,210 @@
+"""Personalization: tune E4T on ONE image for a few steps, then write the concept file.
+
+:func:`personalize` is the method's second stage as a function: the encoder head and
+the weight offsets (or the offsets only) trained by the generic
+:func:`e4t_jax.training.steps.train_step` on E4T's loss, over augmented copies of the
+image; then ``v*`` predicted from the clean image. :func:`personalize_file` is what
+``e4t-personalize`` and ``e4t-demo`` run: files in, a concept file and a preview out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from e4t_jax import pipeline
+from e4t_jax.e4t import concept as concept_lib
+from e4t_jax.e4t import model as model_lib
+from e4t_jax.e4t.pretrained import load_pretrained
+from e4t_jax.errors import UserError
+from e4t_jax.training import data, steps
+from e4t_jax.training.config import TrainConfig
+
+log = logging.getLogger("e4t.personalize")
+DEFAULT_PREVIEW = ("a photo of {}", "an oil painting of {}", "a watercolor painting of {}", "a pencil sketch of {}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Personalized:
+    """The result of :func:`personalize`.
+
+    Attributes:
+      params: the tuned head and offsets (the head as loaded when it was held fixed).
+      embedding: ``[D]`` float32 ``v*`` of the clean image.
+      image: ``{"layers": [T, Dv], "latents": [h, w, c]}`` float32 of the clean image.
+      loss_before, loss_after: the loss on the first batch with fixed noise, before and
+        after tuning.
+      train: the run's :class:`e4t_jax.training.TrainConfig`.
+      tune_encoder: whether the head was tuned.
+      timings: seconds: ``compile``, ``tune``.
+    """
+
+    params: model_lib.E4TParams
+    embedding: np.ndarray
+    image: dict[str, np.ndarray]
+    loss_before: float
+    loss_after: float
+    train: TrainConfig
+    tune_encoder: bool
+    timings: dict[str, float]
+
+
+def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig = TrainConfig(), *,
+                tune_encoder: bool = True, mask: np.ndarray | None = None, progress: bool = True) -> Personalized:
+    """Tunes ``e`` on one image.
+
+    Args:
+      e: E4T with a pre-trained domain encoder.
+      image: uint8 ``[H, W, 3]``.
+      train: steps, batch size (augmented copies per step), seed and optimizer.
+      tune_encoder: tune the head too, or the weight offsets only.
+      mask: optional uint8 ``[H, W, 3]`` loss mask (white = the concept).
+      progress: show a progress bar.
+
+    Raises:
+      UserError: the loss became NaN or infinite.
+    """
+    from tqdm.auto import tqdm
+
+    size, rng = e.sd.image_size, np.random.default_rng(train.seed)
+    config = e.config.model
+    input_ids = e.tokenizer.encode(data.prompts_for(data.templates_for_domain(config.domain_word),
+                                                    config.placeholder, train.batch_size))
+    trainable, frozen = e.split(tune_encoder)
+    optimizer = steps.make_optimizer(train.optimizer)
+    trainable = jax.tree.map(jnp.array, trainable)  # a copy: the step donates the state, ``e`` keeps its params
+    state = steps.TrainState.create(trainable, optimizer, jax.random.PRNGKey(train.seed))
+    frozen = jax.device_put(frozen)
+
+    def next_batch():
+        return {**data.augmented_batch(image, size=size, batch_size=train.batch_size, rng=rng, mask=mask),
+                "input_ids": input_ids}
+
+    timings, start = {}, time.perf_counter()
+    first = next_batch()
+    loss_fn = functools.partial(model_lib.loss, model=e.model)
+    step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer), donate_argnums=(0,))
+    step = step.lower(state, frozen, first).compile()
+    fixed_key = jax.random.PRNGKey(1)
+    evaluate = jax.jit(loss_fn).lower(state.params, frozen, first, fixed_key).compile()
+    timings["compile"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    loss_before = float(evaluate(state.params, frozen, first, fixed_key)[0])
+    bar = tqdm(range(train.steps), desc="personalizing", unit="step", disable=not progress)
+    batch = first
+    for i in bar:
+        state, metrics = step(state, frozen, batch)
+        batch = next_batch() if i + 1 < train.steps else None  # augment on the host while the step runs
+        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+    loss_after = float(evaluate(state.params, frozen, first, fixed_key)[0])
+    timings["tune"] = time.perf_counter() - start
+    if not np.isfinite(loss_after):
+        raise UserError("the tuning loss became NaN/inf; lower --lr")
+
+    tuned = state.params.merge(frozen.fixed)
+    clean = jnp.asarray(data.center_crop_resize(image, size))[None]
+    embedding = jax.jit(functools.partial(model_lib.embed_image, e.model))(tuned, frozen, clean)[0]
+    features = jax.jit(functools.partial(model_lib.image_features, e.model))(frozen, clean)
+    return Personalized(params=tuned, embedding=np.asarray(embedding, np.float32),
+                        image={k: np.asarray(v[0], np.float32) for k, v in features.items()},
+                        loss_before=loss_before, loss_after=loss_after, train=train, tune_encoder=tune_encoder,
+                        timings=timings)
+
+
+def tuned_concept(e: model_lib.E4T, result: Personalized) -> concept_lib.Concept:
+    """The tuned concept, as if loaded from its file (for sampling right away, or re-encoding)."""
+    return concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, result.embedding,
+                               result.params.offsets, e.config, header={}, image=result.image)
+
+
+def save(path: str | os.PathLike, e: model_lib.E4T, result: Personalized, *, save_encoder: bool = False,
+         run: dict[str, Any] | None = None) -> Path:
+    """Writes the concept file (:func:`e4t_jax.e4t.concept.save_concept`).
+
+    Args:
+      save_encoder: also store the tuned head (only when it was tuned).
+      run: more facts for the header's ``run`` (e.g. the image's file name).
+    """
+    params = jax.device_get(result.params)
+    facts = {"steps": result.train.steps, "lr": result.train.optimizer.lr, "loss_before": result.loss_before,
+             "loss_after": result.loss_after, **(run or {})}
+    return concept_lib.save_concept(path, embedding=result.embedding, offsets=params.offsets, config=e.config,
+                                    sd=e.sd, head=params.head if save_encoder and result.tune_encoder else None,
+                                    image=result.image, run=facts)
+
+
+def preview(e: model_lib.E4T, result: Personalized, image: np.ndarray, prompts: Sequence[str], *,
+            steps_count: int = 25, seed: int = 0) -> np.ndarray:
+    """A uint8 grid: the input image, then one sample per prompt (with the placeholder)."""
+    generator = pipeline.Generator(e.sd)
+    images = generator(e.frozen.base, e.tokenizer.encode(prompts), e.tokenizer.encode([""] * len(prompts)),
+                       seed=seed, num_steps=steps_count, hooks=tuned_concept(e, result).hooks())
+    photo = (data.center_crop_resize(image, e.sd.image_size)[None] + 1) / 2
+    return pipeline.image_grid(pipeline.to_uint8(np.concatenate([photo, images])))
+
+
+def personalize_file(model: str, encoder: str | os.PathLike, image_path: str | os.PathLike,
+                     out: str | os.PathLike, *, train: TrainConfig = TrainConfig(),
+                     tune_encoder: bool = True, save_encoder: bool = False, mask_path: str | os.PathLike | None = None,
+                     placeholder: str | None = None, vision_source: str | None = None,
+                     preview_prompts: Sequence[str] | None = None, preview_steps: int | None = None,
+                     dtype: str = "float32") -> dict[str, float]:
+    """Image file -> concept file (+ ``out`` with ``.png``: a preview grid), logging progress.
+
+    Args:
+      model: the base model; ``encoder``: its pre-trained domain encoder folder.
+      image_path, mask_path: the concept image and an optional loss mask.
+      out: the concept file to write (``.safetensors``).
+      preview_prompts: templates with ``{}`` for the placeholder (None: :data:`DEFAULT_PREVIEW`;
+        empty: no preview); ``preview_steps``: their denoising steps (None: :func:`preview`'s).
+      Others: as :func:`personalize` and :func:`e4t_jax.e4t.pretrained.load_pretrained`.
+
+    Returns:
+      Seconds per phase: ``load``, ``compile``, ``tune``, ``preview`` (if any), ``total``.
+
+    Raises:
+      UserError, FileNotFoundError: bad inputs (one line says what is wrong).
+    """
+    out = Path(out)
+    try:
+        image = data.read_image(image_path)
+        mask = data.read_image(mask_path) if mask_path is not None else None
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    timings, start = {}, time.perf_counter()
+    e = load_pretrained(model, encoder, vision_source=vision_source, placeholder=placeholder, dtype=jnp.dtype(dtype))
+    token = e.config.model.placeholder
+    previews = [p.format(token) for p in (DEFAULT_PREVIEW if preview_prompts is None else preview_prompts)]
+    try:
+        e.tokenizer.require_placeholder(previews, token)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    log.info("%s; tuning %s", e.describe(), "encoder head + offsets" if tune_encoder else "offsets only")
+    timings["load"] = time.perf_counter() - start
+
+    result = personalize(e, image, train, tune_encoder=tune_encoder, mask=mask)
+    timings.update(result.timings)
+    log.info("tuning loss on a fixed batch and noise: %.5f -> %.5f", result.loss_before, result.loss_after)
+    save(out, e, result, save_encoder=save_encoder, run={"image": Path(image_path).name})
+    log.info("wrote %s (%.1f KiB)", out, out.stat().st_size / 1024)
+    if previews:
+        from PIL import Image
+
+        start = time.perf_counter()
+        steps_count = {} if preview_steps is None else {"steps_count": preview_steps}
+        Image.fromarray(preview(e, result, image, previews, seed=train.seed, **steps_count)).save(
+            out.with_suffix(".png"))
+        timings["preview"] = time.perf_counter() - start
+        log.info("preview grid (input image first): %s", out.with_suffix(".png"))
+    timings["total"] = sum(timings.values())
+    log.info("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return timings

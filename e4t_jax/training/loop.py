@@ -1,0 +1,120 @@
+"""A resumable training loop around a driver: metrics, checkpoints, a stop on NaN.
+
+:func:`run` knows nothing of the model: it steps a driver
+(:mod:`e4t_jax.training.parallel`) over host batches, writes metrics (TensorBoard and
+JSON lines, process 0 only), saves orbax checkpoints with the input pipeline's state
+(:mod:`e4t_jax.training.checkpoint`), and calls ``on_step`` hooks (e.g. sample grids).
+
+Fault injection for the resume tests: ``E4T_CRASH_AFTER_STEP=N`` kills the process
+with SIGKILL right after step N's checkpoint is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from e4t_jax.training import checkpoint
+
+PyTree = Any
+
+
+class MetricsLog:
+    """TensorBoard (``out/tb``) + JSON-lines (``out/metrics.jsonl``) metrics; process 0 only."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tb"))
+            self.lines = open(out / "metrics.jsonl", "a", encoding="utf-8")
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, step)
+        self.lines.write(json.dumps({"step": step, **values}) + "\n")
+        self.lines.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.lines.close()
+
+
+def fingerprint(batch: dict[str, np.ndarray]) -> str:
+    """A short hash of a host batch (the metrics log records the data order)."""
+    digest = hashlib.sha1()
+    for key in sorted(batch):
+        digest.update(np.ascontiguousarray(batch[key]).tobytes())
+    return digest.hexdigest()[:12]
+
+
+def run(driver: Callable, state: PyTree, frozen: PyTree, batches: Iterator[dict[str, np.ndarray]], *, steps: int,
+        global_batch_size: int, manager, data_state: Callable[[], Any], config: dict[str, Any], out: Path,
+        log_every: int = 10, on_step: Sequence[Callable[[int, PyTree], None]] = ()) -> PyTree:
+    """Steps ``driver`` from ``state.step`` to ``steps``; returns the final state.
+
+    Args:
+      driver: ``driver(state, frozen, host_batch) -> (state, metrics)``, e.g. a
+        :class:`e4t_jax.training.parallel.JitDriver`; the state is donated.
+      state: a train state with a ``step`` (restored when resuming).
+      frozen: the frozen tree, placed for the driver.
+      batches: this host's batches (numeric arrays only), positioned at ``state.step``.
+      steps: the last step.
+      global_batch_size: for the images/s metric.
+      manager: an orbax manager from :func:`e4t_jax.training.checkpoint.open_manager`.
+      data_state: returns the input iterator's state (called only on saving steps).
+      config: the run's config (JSON-able), saved with every checkpoint.
+      out: the run folder (metrics go to ``out/tb`` and ``out/metrics.jsonl``).
+      log_every: metrics every N steps (and at the first and the last).
+      on_step: ``hook(step, state)`` after every step (process 0 decides what to do).
+
+    Raises:
+      FloatingPointError: a metric became NaN or infinite (the last good checkpoint stays).
+    """
+    from tqdm.auto import tqdm
+
+    first_step = int(state.step)
+    crash_after = int(os.environ.get("E4T_CRASH_AFTER_STEP", "0"))
+    metrics_log = MetricsLog(out, jax.process_index() == 0)
+    bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc="training", unit="step",
+               disable=jax.process_index() != 0)
+    tick = time.perf_counter()
+    for step in bar:
+        batch = next(batches)
+        state, metrics = driver(state, frozen, batch)
+        done = step + 1
+        if done % log_every == 0 or done == steps or done == first_step + 1:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                manager.wait_until_finished()
+                raise FloatingPointError(
+                    f"loss became {values['loss']} at step {done}; stopped. The last good checkpoint "
+                    f"({manager.latest_step()}) is kept in {manager.directory}")
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            values["images_per_s"] = global_batch_size * (log_every if done > first_step + 1 else 1) / elapsed
+            values["batch"] = fingerprint(batch)
+            metrics_log.write(done, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
+        if manager.should_save(done) or done == steps:  # the iterator state is gathered only then
+            checkpoint.save(manager, done, train_state=state, data_state=data_state(), config=config, force=True)
+        for hook in on_step:
+            hook(done, state)
+        if crash_after and done == crash_after:
+            manager.wait_until_finished()
+            os.kill(os.getpid(), signal.SIGKILL)
+    manager.wait_until_finished()
+    metrics_log.close()
+    return state
