@@ -10,7 +10,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from e4t_jax import schedulers
+from e4t_jax import conditioning, schedulers
 
 PyTree = Any
 
@@ -48,9 +48,8 @@ def text_to_image_loss(params: PyTree, frozen: PyTree, batch: dict, key: jax.Arr
         ``index`` ``[B]`` int32 global example indices.
       key: this step's RNG key.
       sd: the static :class:`e4t_jax.pipeline.StableDiffusion`.
-      encode_text: ``(text_params, input_ids) -> [B, 77, D]``; default: the text
-        encoder's last hidden state. Textual Inversion passes one that injects its
-        learned embedding.
+      encode_text: ``(text_params, input_ids) -> [B, 77, D]``; default: the model's
+        text conditioner. Textual Inversion passes one that injects its learned embedding.
       reduce: False returns the per-example loss ``[B]`` instead of the mean.
 
     Returns:
@@ -61,7 +60,7 @@ def text_to_image_loss(params: PyTree, frozen: PyTree, batch: dict, key: jax.Arr
     noise, t = noise_for_examples(key, batch["index"], latents.shape[1:], sd.scheduler.num_train_timesteps)
     noisy = schedulers.add_noise(sd.scheduler, latents, noise, t)
     if encode_text is None:
-        context = sd.text.apply({"params": merged["text"]}, batch["input_ids"]).last_hidden_state
+        context = conditioning.encode_text(sd.text, merged["text"], batch["input_ids"])
     else:
         context = encode_text(merged["text"], batch["input_ids"])
     prediction = sd.unet.apply({"params": merged["unet"]}, noisy, t, context).astype(jnp.float32)

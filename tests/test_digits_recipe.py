@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e4t_jax import digits, digits_recipe, weights
+from e4t_jax import digits, weights
+from e4t_jax.recipes import digits as digits_recipe
 
 
 def _toy_loss(params, frozen, batch, key):

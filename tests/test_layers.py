@@ -19,11 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
     ("e4t_jax", "e4t_jax.errors", "e4t_jax.config", "e4t_jax.files", "e4t_jax.runtime", "e4t_jax.weights",
-     "e4t_jax.tokenizer", "e4t_jax.schedulers"),
+     "e4t_jax.tokenizer", "e4t_jax.schedulers", "e4t_jax.digits"),
     ("e4t_jax.models",),
     ("e4t_jax.conditioning", "e4t_jax.presets"),
-    ("e4t_jax.pipeline",),
-    ("e4t_jax.e4t",),
+    ("e4t_jax.pipeline", "e4t_jax.diffusion"),
+    ("e4t_jax.e4t", "e4t_jax.baselines", "e4t_jax.eval"),
     ("e4t_jax.training",),
     ("e4t_jax.recipes",),
     ("e4t_jax.cli",),

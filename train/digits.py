@@ -4,7 +4,7 @@
     python -m train.digits --out runs/digits --stage vae
 
 Every stage resumes from its latest orbax checkpoint when run again with the same
-``--out``. The stages and their reasons are documented in :mod:`e4t_jax.digits_recipe`.
+``--out``. The stages and their reasons are documented in :mod:`e4t_jax.recipes.digits`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from e4t_jax import cli, digits_recipe, weights
+from e4t_jax import cli, weights
+from e4t_jax.errors import UserError
+from e4t_jax.recipes import digits as digits_recipe
 
 STAGE_NAMES = ("vae", "vision", "base")
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.reexec_with_fast_malloc()
     args = parse_args(argv)
     if args.base_steps < 1 or args.base_batch_size < 1:
-        raise cli.UserError("--base-steps and --base-batch-size must be positive")
+        raise UserError("--base-steps and --base-batch-size must be positive")
     out = args.out
     wanted = STAGE_NAMES if args.stage == "all" else (args.stage,)
     base_stage = dataclasses.replace(digits_recipe.STAGES["base"], steps=args.base_steps,
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         digits_recipe.run_vision(out, args.seed)
     if "base" in wanted:
         if not _done(out, "vae"):
-            raise cli.UserError(f"train the VAE first: python -m train.digits --out {out} --stage vae")
+            raise UserError(f"train the VAE first: python -m train.digits --out {out} --stage vae")
         vae = weights.load_pytree(out / "vae" / "final.safetensors")
         scale_file = out / "vae" / "scaling_factor.json"
         if not scale_file.is_file():

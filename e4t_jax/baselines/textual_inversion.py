@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from e4t_jax.diffusion import text_to_image_loss
-from e4t_jax.e4t.embedding import encode_text
+from e4t_jax import conditioning
 
 PyTree = Any
 
@@ -40,12 +40,12 @@ def loss(params: PyTree, frozen: PyTree, batch: dict, key: jax.Array, *, sd, tok
     embedding = params["embedding"]
     if embedding.ndim == 1:
         def encode(text_params, input_ids):
-            return encode_text(sd.text, text_params, input_ids, ((token_id, embedding),))
+            return conditioning.encode_text(sd.text, text_params, input_ids, ((token_id, embedding),))
 
         return text_to_image_loss({}, frozen, batch, key, sd=sd, encode_text=encode)
 
     def encode_each(text_params, input_ids):
-        return encode_text(sd.text, text_params, input_ids, ((token_id, embedding[batch["concept"]]),))
+        return conditioning.encode_text(sd.text, text_params, input_ids, ((token_id, embedding[batch["concept"]]),))
 
     value, _ = text_to_image_loss({}, frozen, batch, key, sd=sd, encode_text=encode_each, reduce=False)
     per_concept = jax.ops.segment_sum(value, batch["concept"], embedding.shape[0])

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from e4t_jax import __version__, digits, schedulers, weights
+from e4t_jax import __version__, conditioning, digits, schedulers, weights
 from e4t_jax.diffusion import text_to_image_loss
 from e4t_jax.models.clip import (CLIP_MEAN, CLIP_STD, CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig,
                                  CLIPVisionTransformer)
@@ -47,6 +47,7 @@ from e4t_jax.models.unet import UNet2DConditionModel, UNetConfig
 from e4t_jax.models.vae import AutoencoderKL, VAEConfig
 from e4t_jax.tokenizer import Tokenizer, build_tiny_vocab, make_tiny_tokenizer_files
 from e4t_jax.training import checkpoint, steps
+from e4t_jax.training.config import OptimizerConfig
 
 PyTree = Any
 VOCAB_SIZE = len(build_tiny_vocab(digits.WORDS)[0])
@@ -201,7 +202,8 @@ def train_stage(name: str, out: str | os.PathLike, *, loss_fn: Callable, params:
       the final params (their EMA if ``stage.ema``), also written to ``out/final.safetensors``.
     """
     out = Path(out)
-    optimizer = steps.make_optimizer(stage.lr, weight_decay=stage.weight_decay, warmup_steps=stage.warmup)
+    optimizer = steps.make_optimizer(OptimizerConfig(lr=stage.lr, weight_decay=stage.weight_decay,
+                                                     warmup_steps=stage.warmup))
     state = {"train": steps.TrainState.create(params, optimizer, jax.random.key(seed)),
              "ema": params if stage.ema else None}
     manager = checkpoint.open_manager(out / "checkpoints", max_to_keep=2, save_every=stage.save_every)
@@ -282,8 +284,8 @@ def base_model(vae_params: PyTree, scaling_factor: float, tokenizer_folder: Path
 
     m = modules()
     vae = AutoencoderKL(VAEConfig.from_diffusers({**VAE, "scaling_factor": scaling_factor}))
-    return StableDiffusion(m["unet"], vae, m["text"], schedulers.SchedulerConfig.from_diffusers(SCHEDULER),
-                           tokenizer_folder, "digits")
+    return StableDiffusion(m["unet"], vae, conditioning.CLIPText(m["text"]),
+                           schedulers.SchedulerConfig.from_diffusers(SCHEDULER), tokenizer_folder, "digits")
 
 
 def run_base(out: Path, vae_params: PyTree, scaling_factor: float, seed: int = 0,
