@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "scikit-image>=0.22",  # ships the demo photos (astronaut, chelsea)
+    "scikit-learn>=1.3",  # ships the real handwritten digits of the digits mini-domain
 ]
 
 # torch and diffusers are the PyTorch reference: tests and benchmarks only.
@@ -34,6 +35,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["e4t_jax", "e4t_jax.*", "train", "infer"]),
     install_requires=INSTALL_REQUIRES,
+    package_data={"e4t_jax": ["assets/*/*.json", "assets/*/*.safetensors", "assets/*/*.png", "assets/*/model/*.json",
+                              "assets/*/model/*/*"]},
     extras_require={
         "test": REFERENCE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6"],
         "bench": REFERENCE,

@@ -42,7 +42,6 @@ PROMPTS = (  # (digit colour, background, position) asked for; None = not asked
     ("black", "white", "center"),
 )
 TEMPLATES = ("a {}", "a picture of a {}", "a drawing of a {}")  # personalization prompts: the image only
-COLUMNS = ("input", "domain word", "TI-15", "TI-500", "E4T-5", "E4T-15")
 
 
 def choose_concepts(per_class: int) -> np.ndarray:
@@ -98,20 +97,183 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def figure(rows: list[list[np.ndarray]], path: Path, scale: int = 6) -> None:
-    """A row per concept, a column per method (:data:`COLUMNS`), labelled, upscaled."""
+def figure(rows: list[list[np.ndarray]], columns: list[str], path: Path, scale: int = 6) -> None:
+    """A row per concept, a column per method (``columns``), labelled, upscaled."""
     from PIL import Image, ImageDraw
 
     from e4t_jax import digits
 
     cell, pad, header = digits.CANVAS * scale, 4, 18
-    width = len(COLUMNS) * (cell + pad) + pad
+    width = len(columns) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, header + len(rows) * (cell + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    for c, name in enumerate(COLUMNS):
+    for c, name in enumerate(columns):
         draw.text((pad + c * (cell + pad) + 2, 3), name, fill="black")
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             canvas.paste(Image.fromarray(digits.upscale(image, scale)),
                          (pad + c * (cell + pad), header + pad + r * (cell + pad)))
     canvas.save(path)
+
+
+def textual_inversion(sd, params, token_id: int, word_id: int, ids: np.ndarray, images: list[np.ndarray], *,
+                      steps: int, snapshots: tuple[int, ...], batch_size: int, lr: float,
+                      seed: int) -> tuple[dict, float, float]:
+    """Learns one embedding per image, all side by side; returns ``({step: [C, D]}, compile s, run s)``.
+
+    ``ids``: ``[>= batch_size, 77]`` prompt ids (templates with the placeholder); each
+    image is repeated ``batch_size`` times per step with its own noise.
+    """
+    import functools
+
+    import jax
+    import optax
+
+    from e4t_jax.baselines import textual_inversion as ti
+    from e4t_jax.training import steps as steps_lib
+
+    count = len(images)
+    optimizer = optax.adam(lr)
+    state = steps_lib.TrainState.create(ti.init_params(params["text"], word_id, concepts=count), optimizer,
+                                        jax.random.key(seed))
+    loss = functools.partial(ti.loss, sd=sd, token_id=token_id)
+    step = jax.jit(functools.partial(steps_lib.train_step, loss_fn=loss, optimizer=optimizer))
+    pixels = np.concatenate([np.repeat((img[None].astype(np.float32) / 127.5 - 1), batch_size, 0) for img in images])
+    batch = {"pixels": pixels, "input_ids": np.tile(ids[:batch_size], (count, 1)),
+             "index": np.arange(count * batch_size, dtype=np.int32),
+             "concept": np.repeat(np.arange(count, dtype=np.int32), batch_size)}
+    start = time.perf_counter()
+    step = step.lower(state, params, batch).compile()
+    compile_s, start = time.perf_counter() - start, time.perf_counter()
+    saved = {}
+    for i in range(1, steps + 1):
+        state, _ = step(state, params, batch)
+        if i in snapshots:
+            saved[i] = np.asarray(state.params["embedding"])
+    jax.block_until_ready(state)
+    return saved, compile_s, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="digits", help="the digits base model (preset or folder)")
+    parser.add_argument("--encoder", default=None, help="its domain encoder (default: the preset's)")
+    parser.add_argument("--per-class", type=int, default=5, help="held-out concepts per digit class")
+    parser.add_argument("--samples", type=int, default=2, help="pictures per prompt (different noise)")
+    parser.add_argument("--ti-steps", type=int, default=500)
+    parser.add_argument("--ti-batch-size", type=int, default=2)
+    parser.add_argument("--ti-lr", type=float, default=5e-3)
+    parser.add_argument("--ti-group", type=int, default=10, help="concepts learned side by side in one TI run")
+    parser.add_argument("--e4t-lr", type=float, default=None, help="default: the encoder's recorded value")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from e4t_jax import digits, pipeline, runtime
+    from e4t_jax.e4t.pretrained import default_encoder, load_pretrained
+    from e4t_jax.eval import digits as reading
+    from e4t_jax.recipes.personalize import default_train, personalize, save, tuned_concept
+
+    runtime.enable_compilation_cache(None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    reader = reading.DigitReader()
+    classifier_accuracy = reader.held_out_accuracy()
+    glyphs, labels = digits.load_glyphs()
+    held_out = digits.split_indices("held_out")
+    candidates = np.stack([reading.reference_glyph(glyphs[i]) for i in held_out])
+    concepts = choose_concepts(args.per_class)
+    inputs = [input_render(i)[0] for i in concepts]
+    print(f"classifier held-out accuracy {classifier_accuracy:.3f}; {len(concepts)} concepts", flush=True)
+
+    e = load_pretrained(args.model, args.encoder or default_encoder(args.model))
+    sd, base, tok = e.model.sd, e.frozen.base, e.tokenizer
+    placeholder, token_id = e.config.model.placeholder, e.model.placeholder_id
+    word_id = tok.token_ids(e.config.model.domain_word)[0]
+    asked = [p for p in PROMPTS for _ in range(args.samples)]
+    prompts = {w: tok.encode([digits.attribute_prompt(w, *a) for a in asked]) for w in ("digit", placeholder)}
+    uncond = tok.encode([""] * len(asked))
+    ti_ids = tok.encode([t.format(placeholder) for t in TEMPLATES] * args.ti_batch_size)
+    generator = pipeline.Generator(sd)
+
+    def sample(word, hooks=pipeline.Hooks()):
+        images = generator(base, prompts[word], uncond, seed=0, num_steps=args.sample_steps, guidance=args.guidance,
+                           hooks=hooks)
+        return pipeline.to_uint8(images)
+
+    cells: dict[str, list[np.ndarray]] = {}
+    timing: dict[str, tuple[float, float]] = {}
+    sizes: dict[str, str] = {}
+
+    # Domain word: nothing personalized.
+    cells["domain word"] = [sample("digit")] * len(concepts)
+    timing["domain word"], sizes["domain word"] = (0.0, 0.0), "0"
+
+    # Textual Inversion: timed alone on one concept, then learned in groups for the scores.
+    snapshots = tuple(sorted({s for s in (15, 100, args.ti_steps) if s <= args.ti_steps}))
+    _, compile_s, run_s = textual_inversion(sd, base, token_id, word_id, ti_ids, inputs[:1], steps=args.ti_steps,
+                                            snapshots=(), batch_size=args.ti_batch_size, lr=args.ti_lr, seed=0)
+    print(f"TI alone: compile {compile_s:.1f}s, {args.ti_steps} steps {run_s:.1f}s", flush=True)
+    learned = {s: [] for s in snapshots}
+    for g in range(0, len(concepts), args.ti_group):
+        group = inputs[g:g + args.ti_group]
+        saved, _, seconds = textual_inversion(sd, base, token_id, word_id, ti_ids, group, steps=args.ti_steps,
+                                              snapshots=snapshots, batch_size=args.ti_batch_size, lr=args.ti_lr,
+                                              seed=g)
+        for s in snapshots:
+            learned[s].extend(saved[s])
+        print(f"TI group {g // args.ti_group + 1}: {seconds:.0f}s", flush=True)
+    for s in snapshots:
+        name = f"TI-{s}"
+        per_step = run_s / args.ti_steps
+        timing[name] = (compile_s + per_step * s, per_step * s)
+        sizes[name] = f"{sd.text_dim * 4} B"
+        cells[name] = [sample(placeholder, pipeline.Hooks(overrides=(pipeline.TokenOverride(
+            jnp.int32(token_id), jnp.asarray(v, jnp.float32)),))) for v in learned[s]]
+        print(f"{name} sampled", flush=True)
+
+    # E4T: the pre-trained encoder, tuned on each image.
+    for tune_steps in (5, 15):
+        name, seconds, images = f"E4T-{tune_steps}", [], []
+        for k, image in enumerate(inputs):
+            train = default_train(e, steps_count=tune_steps, lr=args.e4t_lr, seed=k)
+            result = personalize(e, image, train, progress=False)
+            seconds.append((result.timings["compile"] + result.timings["tune"], result.timings["tune"]))
+            images.append(sample(placeholder, tuned_concept(e, result).hooks()))
+            if k == 0:
+                path = save(args.out / "minidomain-concept.safetensors", e, result)
+                sizes[name] = f"{path.stat().st_size / 1024:.0f} KiB"
+                path.unlink()
+        cells[name] = images
+        timing[name] = (seconds[0][0], float(np.median([s[1] for s in seconds[1:]])))
+        print(f"{name}: first {seconds[0][0]:.1f}s, warm median {timing[name][1]:.2f}s", flush=True)
+
+    summary, per_concept = {}, {}
+    for name, images in cells.items():
+        rows = [score(imgs, int(labels[i]), int(np.nonzero(held_out == i)[0][0]), asked, reader, candidates)
+                for imgs, i in zip(images, concepts)]
+        per_concept[name] = rows
+        steps = name.split("-")[1] if "-" in name else "0"
+        summary[name] = {"steps": steps, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
+                         "seconds_first": timing[name][0], "seconds_warm": timing[name][1], "artifact": sizes[name]}
+    table = markdown_table(summary)
+    print(table)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    (args.out / "minidomain.json").write_text(json.dumps(
+        {"config": config, "classifier_held_out_accuracy": classifier_accuracy, "concepts": concepts.tolist(),
+         "prompts": [list(p) for p in PROMPTS], "summary": summary, "per_concept": per_concept}, indent=1))
+    (args.out / "minidomain.md").write_text(table + "\n")
+    shown = [list(concepts).index(i) for i in concepts[::args.per_class]]  # one concept per class
+    columns = ["input", "domain word", "TI-15", f"TI-{args.ti_steps}", "E4T-5", "E4T-15"]
+    shown_prompt = args.samples * 1  # the first picture of PROMPTS[1] (all three attributes asked)
+    figure([[inputs[k]] + [cells[c][k][shown_prompt] for c in columns[1:]] for k in shown], columns,
+           args.out / "minidomain.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

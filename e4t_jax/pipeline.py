@@ -77,7 +77,7 @@ class StableDiffusion:
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
     """A model folder for a preset name (``tiny``, ``medium``), a local folder or a Hub id."""
-    if str(path_or_id) in presets.PRESETS:
+    if presets.is_preset(str(path_or_id)):
         return presets.preset_dir(str(path_or_id))
     return weights.resolve_model(path_or_id)
 

@@ -15,9 +15,14 @@ Presets:
 * ``medium``: the benchmark size: U-Net channels (64, 128, 256), 2 layers per block,
   256x256 images (32x32 latents).
 
+* ``digits``: a TRAINED model of the digits mini-domain (:mod:`e4t_jax.digits`),
+  16x16 pictures, shipped inside the package with its pre-trained domain encoder
+  (:data:`SHIPPED`); ``python -m train.digits`` and ``e4t-pretrain --preset digits``
+  made them on a 2-core CPU (``train/README.md``).
+
 ``--model tiny`` (or ``medium``) anywhere in the CLIs means: this folder, created
-once under ``~/.cache/e4t_jax/``. A preset is one entry of :data:`PRESETS`: a function
-that returns the ``config.json`` of every component.
+once under ``~/.cache/e4t_jax/``. A random preset is one entry of :data:`PRESETS`: a
+function that returns the ``config.json`` of every component.
 """
 from __future__ import annotations
 
@@ -91,6 +96,16 @@ def _medium() -> dict[str, dict]:
 
 # Preset name -> the diffusers/transformers ``config.json`` of every component.
 PRESETS = {"tiny": _tiny, "medium": _medium}
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Trained preset name -> its shipped folder: ``model/`` (diffusers format) and the domain
+# encoder as ``encoder.safetensors`` + ``encoder.json``.
+SHIPPED = {"digits": ASSETS / "digits"}
+
+
+def is_preset(name: str) -> bool:
+    """Whether ``name`` is a preset (random or shipped) rather than a folder or Hub id."""
+    return name in PRESETS or name in SHIPPED
 
 
 def preset_configs(preset: str) -> dict[str, dict]:
@@ -170,7 +185,14 @@ def write_model(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0)
 
 
 def preset_dir(preset: str) -> Path:
-    """The preset's folder under ``~/.cache/e4t_jax`` (``$E4T_HOME``), created on first use."""
+    """The preset's model folder: shipped in the package, or for a random preset under
+    ``~/.cache/e4t_jax`` (``$E4T_HOME``), created on first use."""
+    if preset in SHIPPED:
+        folder = SHIPPED[preset] / "model"
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"the {preset} preset's weights are missing from {folder}: reinstall e4t-jax "
+                                    "from its source folder (pip install -e .)")
+        return folder
     folder = CACHE_ROOT / f"{preset}-sd-v{__version__}"
     if not (folder / "model_index.json").is_file():
         with files.atomic_path(folder) as tmp:

@@ -16,20 +16,20 @@ from pathlib import Path
 
 from e4t_jax import cli
 from e4t_jax.errors import UserError
-from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="e4t-personalize", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="model folder, Hugging Face id, or preset 'tiny' / 'medium'")
-    p.add_argument("--encoder", type=Path, required=True, help="pre-trained domain encoder folder (e4t-pretrain)")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="pre-trained domain encoder folder (e4t-pretrain); default: a trained preset's own")
     p.add_argument("--image", type=Path, required=True, help="the one image of the concept")
     p.add_argument("--mask", type=Path, default=None, help="optional loss mask image (white = the concept)")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="augmented copies of the image per step")
-    p.add_argument("--lr", type=float, default=defaults.optimizer.lr,
-                   help="learning rate (the paper tunes at ~5e-6 to 1.6e-5)")
+    p.add_argument("--steps", type=int, default=None, help="tuning steps (default: the encoder's recorded value)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="augmented copies of the image per step (default: the encoder's recorded value)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the encoder's recorded value; the paper tunes at ~5e-6 to 1.6e-5)")
     p.add_argument("--tune-encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="tune the encoder head too (default), or the weight offsets only")
     p.add_argument("--save-encoder", action="store_true", help="also store the tuned encoder head in the concept")
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="prompt for the preview grid, with {} for the placeholder (repeatable; default: 4 styles)")
     p.add_argument("--preview-steps", type=int, default=None, help="denoising steps of the preview (default 25)")
     p.add_argument("--no-preview", action="store_true", help="skip the preview grid")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--cache-dir", type=Path, default=None, help="persistent compilation cache folder")
     p.add_argument("--out", type=Path, required=True, help="concept file to write (.safetensors)")
@@ -50,11 +50,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.steps < 1 or args.batch_size < 1:
+    if (args.steps is not None and args.steps < 1) or (args.batch_size is not None and args.batch_size < 1):
         raise UserError("--steps and --batch-size must be at least 1")
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        raise UserError(f"--lr must be a positive finite number, got {args.lr}")
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out {args.out} must end in .safetensors")
-    if not args.encoder.is_dir():
+    from e4t_jax.presets import SHIPPED
+
+    if args.encoder is None and args.model not in SHIPPED:
+        raise UserError(f"--model {args.model} has no shipped encoder: pass --encoder (a folder from e4t-pretrain)")
+    if args.encoder is not None and not args.encoder.is_dir():
         raise UserError(f"encoder folder {args.encoder} does not exist; pre-train one with e4t-pretrain")
     if not args.image.is_file():
         raise UserError(f"image {args.image} does not exist")
@@ -66,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     _validate(args)
     cli.reexec_with_fast_malloc()
     from e4t_jax import runtime
+    from e4t_jax.e4t.pretrained import default_encoder
     from e4t_jax.recipes.personalize import personalize_file
 
     runtime.enable_compilation_cache(args.cache_dir)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                        optimizer=OptimizerConfig(lr=args.lr))
-    personalize_file(args.model, args.encoder, args.image, args.out, train=train, tune_encoder=args.tune_encoder,
+    personalize_file(args.model, args.encoder or default_encoder(args.model), args.image, args.out, steps_count=args.steps,
+                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, tune_encoder=args.tune_encoder,
                      save_encoder=args.save_encoder, mask_path=args.mask, placeholder=args.placeholder,
                      vision_source=args.clip_vision, preview_prompts=args.preview_prompt,
                      preview_steps=args.preview_steps, dtype=args.dtype)

@@ -1,8 +1,9 @@
-"""e4t-personalize, e4t-generate and e4t-demo on the tiny model with a real photo (skimage's astronaut).
+"""e4t-personalize and e4t-generate on the tiny model with a real photo (skimage's astronaut).
 
-A personalization run and then the demo (which personalizes the same way) run in fresh
-processes, as a user runs them, with one fresh compilation cache: the first checks the
-tuning and the concept file, the demo that the cache removes most of the compile time.
+Two personalization runs run in fresh processes, as a user runs them, with one fresh
+compilation cache: the first checks the tuning and the concept file, the second that
+the cache removes most of the compile time. (The demo runs the trained digits preset:
+tests/test_digits_default.py.)
 Bad inputs run in-process and must end with status 2, one line on stderr and nothing
 written.
 """
@@ -51,11 +52,10 @@ def _personalize_compile_seconds(log: str) -> float:
 
 @pytest.fixture(scope="module")
 def runs(inputs):
-    """e4t-personalize, then e4t-demo with the same tuning settings and --cache-dir."""
-    first = _run(inputs, "infer.personalize", "--model", "tiny", "--encoder", str(inputs.encoder),
-                 "--image", str(inputs.photo), *TUNING, "--out", str(inputs.folder / "first.safetensors"))
-    demo = _run(inputs, "infer.demo", "--steps", "15", "--batch-size", "4", "--out", str(inputs.folder / "demo"))
-    return first, demo
+    """e4t-personalize twice, in fresh processes sharing one --cache-dir."""
+    return tuple(_run(inputs, "infer.personalize", "--model", "tiny", "--encoder", str(inputs.encoder),
+                      "--image", str(inputs.photo), *TUNING, "--out", str(inputs.folder / f"{name}.safetensors"))
+                 for name in ("first", "second"))
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +88,6 @@ def test_compile_cache_makes_second_run_compile_faster(runs):
     first, second = (_personalize_compile_seconds(run.stderr) for run in runs)
     print(f"compile: first run {first:.1f}s, second run (cache) {second:.1f}s")
     assert second < 0.7 * first
-
-
-def test_demo_personalizes_and_generates(inputs, runs):
-    demo = inputs.folder / "demo"
-    _, header = concept_lib.read_concept(demo / "astronaut.safetensors")
-    assert header["run"]["image"] == "astronaut.png" and header["run"]["steps"] == 15
-    assert Image.open(demo / "images" / "grid.png").size == (128, 128)  # 4 images of 64x64
-    assert (demo / "images" / "prompts.txt").read_text().count("S*") == 4
 
 
 def test_generate_with_concept(concept_file, tmp_path):

@@ -44,6 +44,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--lr", type=float)
     p.add_argument("--head-width", type=int, help="encoder head width (its vision, U-Net and hidden dims)")
+    p.add_argument("--vision-backbone", default=None,
+                   help="how the vision tower is read: clip ([CLS] per layer), clip-mean, clip-patches (default clip)")
+    p.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompts from each image's sidecar NAME.txt (with {} for the placeholder), not templates")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default on; off for domains where a mirror image differs)")
+    p.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="random crop side as a fraction of the shortest side (default 0.8 1.0)")
+    p.add_argument("--tune-steps", type=int, default=None, help="recorded default of e4t-personalize --steps")
+    p.add_argument("--tune-batch-size", type=int, default=None,
+                   help="recorded default of e4t-personalize --batch-size")
+    p.add_argument("--tune-lr", type=float, default=None, help="recorded default of e4t-personalize --lr")
     p.add_argument("--offset-rank", type=int, default=None, help="rank of the low-rank weight offsets")
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
     p.add_argument("--clip-norm", type=float, default=None, help="gradient clipping (global norm)")
@@ -84,15 +96,21 @@ def build_config(args: argparse.Namespace):
     config = PRESETS[args.preset] if args.preset else PretrainConfig()
     e4t, train = config.e4t, config.train
     width = args.head_width
+    crop = tuple(args.crop_scale) if args.crop_scale is not None else None
     return PretrainConfig(
         e4t=_replace(e4t, model=_replace(e4t.model, base=args.model, vision_source=args.clip_vision,
                                          domain_word=args.domain_word, placeholder=args.placeholder),
-                     encoder=_replace(e4t.encoder, vision_dim=width, unet_dim=width, hidden_dim=width),
-                     offsets=_replace(e4t.offsets, rank=args.offset_rank)),
+                     encoder=_replace(e4t.encoder, vision_dim=width, unet_dim=width, hidden_dim=width,
+                                      vision=args.vision_backbone),
+                     offsets=_replace(e4t.offsets, rank=args.offset_rank),
+                     personalize=_replace(e4t.personalize, steps=args.tune_steps, batch_size=args.tune_batch_size,
+                                          lr=args.tune_lr, flip=args.flip, crop_scale=crop,
+                                          templates=args.templates)),
         train=_replace(train, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                        optimizer=_replace(train.optimizer, lr=args.lr, warmup_steps=args.warmup,
                                           clip_norm=args.clip_norm)),
-        data=_replace(config.data, root=str(args.data), size=args.size, templates=args.templates))
+        data=_replace(config.data, root=str(args.data), size=args.size, templates=args.templates,
+                      captions=args.captions, flip=args.flip, crop_scale=crop))
 
 
 @cli.main_wrapper

@@ -35,6 +35,37 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PersonalizeConfig:
+    """How the concepts of this domain are best tuned: ``e4t-personalize``'s defaults.
+
+    A domain encoder records them because they depend on the domain and on how long
+    the encoder was pre-trained (a flag given to ``e4t-personalize`` still wins).
+
+    Attributes:
+      steps, batch_size, lr: tuning steps, augmented copies per step, learning rate.
+      crop_scale: range of the random crop side, as a fraction of the shortest side.
+      flip: random horizontal flips (off where a mirror image is another concept,
+        e.g. digits or text).
+      templates: prompt templates (a name of
+        :data:`e4t_jax.training.data.PROMPT_TEMPLATES` or a file); None: the domain
+        word's.
+    """
+
+    steps: int = 15
+    batch_size: int = 16
+    lr: float = 1e-5
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    flip: bool = True
+    templates: str | None = None
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"personalize: steps, batch_size and lr must be positive, got {self}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"personalize.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+
+
+@dataclasses.dataclass(frozen=True)
 class E4TConfig:
     """Everything that defines a domain encoder (see the module docstring)."""
 
@@ -42,3 +73,4 @@ class E4TConfig:
     encoder: EncoderConfig = EncoderConfig()
     offsets: OffsetConfig = OffsetConfig()
     loss: LossConfig = LossConfig()
+    personalize: PersonalizeConfig = PersonalizeConfig()

@@ -110,7 +110,7 @@ def export_concept(concept_file: str | Path, model: str | Path, out: str | Path,
     if concept.offsets is not None:
         unet_params = offsets_lib.merge_offsets(unet_params, concept.offsets, concept.config.offsets)
     unet_params = jax.tree.map(lambda leaf: np.asarray(leaf, DTYPES[dtype]), unet_params)
-    model_id = str(model_folder) if str(model) in presets.PRESETS else str(model)
+    model_id = str(model_folder) if presets.is_preset(str(model)) else str(model)
     with files.atomic_path(out) as tmp:
         tmp.mkdir()
         if full_pipeline:

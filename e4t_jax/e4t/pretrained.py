@@ -13,6 +13,8 @@ config keys, ``clip_``-named head fields and params) are read too.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,35 @@ def load_pretrained(model_id: str | os.PathLike, encoder_dir: str | os.PathLike,
     old, new = _V1_HEAD_PREFIX
     head = {name.replace(old, new, 1) if name.startswith(old) else name: value for name, value in head.items()}
     return E4T(model, frozen, E4TParams(head=head, offsets=offsets), tokenizer)
+
+
+def ship_encoder(encoder_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Writes an encoder folder as the two small files a shipped preset holds:
+    ``encoder.safetensors`` (head + offsets) and ``encoder.json`` (its config)."""
+    head, offsets, raw = files.load_encoder(encoder_dir, expected=None)
+    out = Path(out_dir)
+    weights.save_pytree({"head": head, "offsets": offsets}, out / "encoder.safetensors")
+    (out / "encoder.json").write_text(json.dumps(raw, indent=2) + "\n")
+
+
+def shipped_encoder_dir(preset: str) -> Path:
+    """The pre-trained domain encoder shipped with a trained preset (:data:`e4t_jax.presets.SHIPPED`),
+    as an encoder folder under ``~/.cache/e4t_jax``, made once from the shipped files."""
+    source = presets.SHIPPED[preset]
+    fingerprint = hashlib.sha256((source / "encoder.safetensors").read_bytes()).hexdigest()[:12]
+    folder = presets.CACHE_ROOT / f"{preset}-encoder-{fingerprint}"
+    if not (folder / "config").is_dir():
+        params = weights.load_pytree(source / "encoder.safetensors")
+        raw = json.loads((source / "encoder.json").read_text())
+        with files.atomic_path(folder) as tmp:
+            files.export_encoder(tmp, encoder_params=params["head"], offsets=params["offsets"], config=raw,
+                                 overwrite=True)
+    return folder
+
+
+def default_encoder(model: str | os.PathLike) -> Path | None:
+    """The encoder that goes with ``model`` when none is given: a shipped preset's, else None."""
+    return shipped_encoder_dir(str(model)) if str(model) in presets.SHIPPED else None
 
 
 def preset_encoder_dir(preset: str = "tiny", domain_word: str = "face") -> Path:

@@ -8,9 +8,11 @@ and the images, whatever tower is behind it::
     # pooled: [B, width] float32, the tower's image feature
 
 The backbone resizes and normalizes the images itself (its input size and statistics
-are its own business), and picks one token per layer: the [CLS] token for CLIP
-(``"clip"``, the paper's choice), or the mean over the patch tokens for towers without
-one (``"clip-mean"``, or a SigLIP-style tower).
+are its own business), and picks one feature per layer: the [CLS] token for CLIP
+(``"clip"``, the paper's choice), the mean over the patch tokens for towers without
+one (``"clip-mean"``, or a SigLIP-style tower), or all patch tokens side by side
+(``"clip-patches"``, for towers with a handful of patches whose [CLS] token gathers
+no spatial detail, such as the digits mini-domain's 16-patch tower).
 
 A backbone is registered by name in :data:`BACKBONES` (:func:`register` adds one) as a
 loader ``loader(folder, dtype) -> (backbone, params)``; ``EncoderConfig.vision`` names
@@ -81,8 +83,9 @@ class CLIPBackbone:
     Attributes:
       module: the Flax vision tower.
       pool: ``"cls"`` (token 0 of each layer; pooled = the post-layernorm [CLS], as
-        transformers' ``pooler_output``) or ``"mean"`` (the mean over the patch tokens,
-        no [CLS] used anywhere).
+        transformers' ``pooler_output``), ``"mean"`` (the mean over the patch tokens,
+        no [CLS] used anywhere) or ``"patches"`` (the patch tokens concatenated,
+        width ``patches * hidden_size``; pooled: the last layer's).
     """
 
     module: CLIPVisionTransformer
@@ -94,7 +97,9 @@ class CLIPBackbone:
 
     @property
     def width(self) -> int:
-        return self.module.config.hidden_size
+        cfg = self.module.config
+        patches = (cfg.image_size // cfg.patch_size) ** 2 if self.pool == "patches" else 1
+        return cfg.hidden_size * patches
 
     def __call__(self, params: PyTree, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
         size = self.module.config.image_size
@@ -103,8 +108,11 @@ class CLIPBackbone:
         hidden = out.hidden_states[1:]  # after each layer; [0] is the embeddings
         if self.pool == "cls":
             layers, pooled = jnp.stack([h[:, 0] for h in hidden], axis=1), out.pooler_output
-        else:
+        elif self.pool == "mean":
             layers = jnp.stack([h[:, 1:].mean(axis=1) for h in hidden], axis=1)
+            pooled = layers[:, -1]
+        else:
+            layers = jnp.stack([h[:, 1:].reshape(h.shape[0], -1) for h in hidden], axis=1)
             pooled = layers[:, -1]
         return layers.astype(jnp.float32), pooled.astype(jnp.float32)
 
@@ -118,7 +126,7 @@ def _clip(pool: str) -> Callable[[Path, Any], tuple[CLIPBackbone, PyTree]]:
 
 # Backbone name -> loader(folder, dtype) -> (backbone, params).
 BACKBONES: dict[str, Callable[[Path, Any], tuple[VisionBackbone, PyTree]]] = {
-    "clip": _clip("cls"), "clip-mean": _clip("mean")}
+    "clip": _clip("cls"), "clip-mean": _clip("mean"), "clip-patches": _clip("patches")}
 
 
 def register(name: str, loader: Callable[[Path, Any], tuple[VisionBackbone, PyTree]]) -> None:

@@ -26,7 +26,7 @@ from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.pretrained import load_pretrained
 from e4t_jax.errors import UserError
 from e4t_jax.training import data, steps
-from e4t_jax.training.config import TrainConfig
+from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
 log = logging.getLogger("e4t.personalize")
 DEFAULT_PREVIEW = ("a photo of {}", "an oil painting of {}", "a watercolor painting of {}", "a pencil sketch of {}")
@@ -57,14 +57,27 @@ class Personalized:
     timings: dict[str, float]
 
 
-def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig = TrainConfig(), *,
+def default_train(e: model_lib.E4T, steps_count: int | None = None, batch_size: int | None = None,
+                  lr: float | None = None, seed: int = 0) -> TrainConfig:
+    """The tuning run that the encoder records for its domain (``e.config.personalize``),
+    with any of its values replaced."""
+    recorded = e.config.personalize
+    return TrainConfig(steps=steps_count or recorded.steps, batch_size=batch_size or recorded.batch_size,
+                       seed=seed, optimizer=OptimizerConfig(lr=lr or recorded.lr))
+
+
+def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None = None, *,
                 tune_encoder: bool = True, mask: np.ndarray | None = None, progress: bool = True) -> Personalized:
     """Tunes ``e`` on one image.
+
+    Augmentation (crops, flips) and prompt templates are the encoder's recorded ones
+    (``e.config.personalize``).
 
     Args:
       e: E4T with a pre-trained domain encoder.
       image: uint8 ``[H, W, 3]``.
-      train: steps, batch size (augmented copies per step), seed and optimizer.
+      train: steps, batch size (augmented copies per step), seed and optimizer; None:
+        :func:`default_train`.
       tune_encoder: tune the head too, or the weight offsets only.
       mask: optional uint8 ``[H, W, 3]`` loss mask (white = the concept).
       progress: show a progress bar.
@@ -74,10 +87,12 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig = TrainC
     """
     from tqdm.auto import tqdm
 
+    train = train or default_train(e)
     size, rng = e.sd.image_size, np.random.default_rng(train.seed)
-    config = e.config.model
-    input_ids = e.tokenizer.encode(data.prompts_for(data.templates_for_domain(config.domain_word),
-                                                    config.placeholder, train.batch_size))
+    config, recorded = e.config.model, e.config.personalize
+    templates = (data.load_templates(recorded.templates) if recorded.templates
+                 else data.templates_for_domain(config.domain_word))
+    input_ids = e.tokenizer.encode(data.prompts_for(templates, config.placeholder, train.batch_size))
     trainable, frozen = e.split(tune_encoder)
     optimizer = steps.make_optimizer(train.optimizer)
     trainable = jax.tree.map(jnp.array, trainable)  # a copy: the step donates the state, ``e`` keeps its params
@@ -85,7 +100,8 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig = TrainC
     frozen = jax.device_put(frozen)
 
     def next_batch():
-        return {**data.augmented_batch(image, size=size, batch_size=train.batch_size, rng=rng, mask=mask),
+        return {**data.augmented_batch(image, size=size, batch_size=train.batch_size, rng=rng, mask=mask,
+                                       crop_scale=recorded.crop_scale, flip=recorded.flip),
                 "input_ids": input_ids}
 
     timings, start = {}, time.perf_counter()
@@ -153,7 +169,8 @@ def preview(e: model_lib.E4T, result: Personalized, image: np.ndarray, prompts: 
 
 
 def personalize_file(model: str, encoder: str | os.PathLike, image_path: str | os.PathLike,
-                     out: str | os.PathLike, *, train: TrainConfig = TrainConfig(),
+                     out: str | os.PathLike, *, steps_count: int | None = None, batch_size: int | None = None,
+                     lr: float | None = None, seed: int = 0,
                      tune_encoder: bool = True, save_encoder: bool = False, mask_path: str | os.PathLike | None = None,
                      placeholder: str | None = None, vision_source: str | None = None,
                      preview_prompts: Sequence[str] | None = None, preview_steps: int | None = None,
@@ -191,6 +208,8 @@ def personalize_file(model: str, encoder: str | os.PathLike, image_path: str | o
     log.info("%s; tuning %s", e.describe(), "encoder head + offsets" if tune_encoder else "offsets only")
     timings["load"] = time.perf_counter() - start
 
+    train = default_train(e, steps_count, batch_size, lr, seed)
+    log.info("tuning %d steps x %d copies at lr %g", train.steps, train.batch_size, train.optimizer.lr)
     result = personalize(e, image, train, tune_encoder=tune_encoder, mask=mask)
     timings.update(result.timings)
     log.info("tuning loss on a fixed batch and noise: %.5f -> %.5f", result.loss_before, result.loss_after)

@@ -63,11 +63,14 @@ PROMPT_TEMPLATES: dict[str, list[str]] = {
         "a canvas in the style of {}", "a detailed painting in the style of {}",
         "a cropped painting in the style of {}", "a rendition in the style of {}",
     ],
+    # The digits mini-domain (e4t_jax.digits): its captions' wording, no attribute named.
+    "digits": ["a {}", "the {}", "a picture of a {}", "a drawing of a {}", "an image of a {}", "a photo of a {}",
+               "a picture of the {}", "a drawing of the {}"],
 }
 
 # Domain word -> its templates in PROMPT_TEMPLATES; other words get "generic".
 TEMPLATES_FOR_WORD = {"face": "face", "person": "face", "man": "face", "woman": "face", "cat": "cat",
-                      "painting": "art", "art": "art", "style": "art"}
+                      "painting": "art", "art": "art", "style": "art", "digit": "digits"}
 
 _NUMERIC_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -83,6 +86,8 @@ class DataConfig:
         the domain word's (:func:`templates_for_domain`).
       crop_scale: range of the random crop side as a fraction of the shortest side.
       flip: random horizontal flips.
+      captions: each image's prompt is its sidecar caption ``NAME.txt`` (with ``{}``
+        for the placeholder) instead of a template (:func:`read_captions`).
     """
 
     root: str = ""
@@ -90,6 +95,7 @@ class DataConfig:
     templates: str | None = None
     crop_scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = True
+    captions: bool = False
 
 
 class RandomAccessImages(Protocol):
@@ -251,7 +257,8 @@ def augment(image: np.ndarray, rng: np.random.Generator, size: int, *,
 
 
 def augmented_batch(image: np.ndarray, *, size: int, batch_size: int, rng: np.random.Generator,
-                    mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                    mask: np.ndarray | None = None, crop_scale: tuple[float, float] = (0.8, 1.0),
+                    flip: bool = True) -> dict[str, np.ndarray]:
     """``batch_size`` random crops/flips of ONE image (and of its mask, identically).
 
     Args:
@@ -259,6 +266,7 @@ def augmented_batch(image: np.ndarray, *, size: int, batch_size: int, rng: np.ra
       size: output side.
       rng: the only source of randomness.
       mask: optional uint8 ``[H, W, 3]`` mask image (white = keep).
+      crop_scale, flip: see :func:`augment`.
 
     Returns:
       ``{"pixels": float32 [B, size, size, 3] in [-1, 1], "index": int32 [B]}`` and,
@@ -267,11 +275,11 @@ def augmented_batch(image: np.ndarray, *, size: int, batch_size: int, rng: np.ra
     pixels, masks = [], []
     for _ in range(batch_size):
         state = rng.bit_generator.state
-        pixels.append(augment(image, rng, size))
+        pixels.append(augment(image, rng, size, crop_scale=crop_scale, flip=flip))
         if mask is not None:
             twin = np.random.default_rng()
             twin.bit_generator.state = state
-            masks.append((augment(mask, twin, size)[..., 0] + 1) / 2)
+            masks.append((augment(mask, twin, size, crop_scale=crop_scale, flip=flip)[..., 0] + 1) / 2)
     batch = {"pixels": np.stack(pixels), "index": np.arange(batch_size, dtype=np.int32)}
     if mask is not None:
         batch["mask"] = np.stack(masks)
