@@ -164,15 +164,30 @@ def write_model(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0)
         "image_encoder": random_params(CLIPVisionTransformer(vision_cfg),
                                       jnp.zeros((1, vision_cfg.image_size, vision_cfg.image_size, 3)), seed=seed + 3),
     }
+    return write_folder(out, configs, params, preset=preset)
+
+
+def write_folder(out_dir: str | os.PathLike, configs: dict[str, dict], params: dict, *, preset: str,
+                 words: tuple[str, ...] | None = None) -> Path:
+    """Writes a diffusers-format folder from component configs and params.
+
+    Args:
+      configs: ``config.json`` of ``unet``, ``vae``, ``text_encoder``, ``image_encoder``
+        and ``scheduler``.
+      params: params of ``unet``, ``vae``, ``text_encoder``, ``image_encoder``.
+      preset: recorded in ``model_index.json``.
+      words: the tiny tokenizer's one-token words (default: its own list).
+    """
+    out = Path(out_dir)
     files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
              "text_encoder": "model.safetensors", "image_encoder": "model.safetensors"}
     prefixes = {"text_encoder": "text_model.", "image_encoder": "vision_model."}
-    for name, tree in params.items():
-        weights.save_safetensors(tree, out / name / files[name], prefix=prefixes.get(name, ""),
+    for name, file in files.items():
+        weights.save_safetensors(params[name], out / name / file, prefix=prefixes.get(name, ""),
                                  metadata={"format": "pt"})
         _write_json(out / name / "config.json", configs[name])
     _write_json(out / "scheduler" / "scheduler_config.json", configs["scheduler"])
-    make_tiny_tokenizer_files(out / "tokenizer")
+    make_tiny_tokenizer_files(out / "tokenizer", **({} if words is None else {"words": words}))
     _write_json(out / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "_e4t_jax_version": __version__,
         "_e4t_jax_preset": preset,

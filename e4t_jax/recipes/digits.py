@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from e4t_jax import __version__, conditioning, digits, schedulers, weights
+from e4t_jax import conditioning, digits, presets, schedulers, weights
 from e4t_jax.diffusion import text_to_image_loss
 from e4t_jax.models.clip import (CLIP_MEAN, CLIP_STD, CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig,
                                  CLIPVisionTransformer)
@@ -299,11 +299,6 @@ def run_base(out: Path, vae_params: PyTree, scaling_factor: float, seed: int = 0
                        stage=stage, seed=seed)
 
 
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
-
-
 def write_model(out_dir: str | os.PathLike, params: PyTree, scaling_factor: float) -> Path:
     """Writes the trained model as a diffusers folder (with ``image_encoder/``).
 
@@ -311,23 +306,8 @@ def write_model(out_dir: str | os.PathLike, params: PyTree, scaling_factor: floa
       params: ``{"unet", "vae", "text", "vision"}``.
       scaling_factor: the VAE latent scale (:func:`latent_scale`).
     """
-    out = Path(out_dir)
-    parts = {"unet": ("unet", "diffusion_pytorch_model.safetensors", "", UNET),
-             "vae": ("vae", "diffusion_pytorch_model.safetensors", "", {**VAE, "scaling_factor": scaling_factor}),
-             "text": ("text_encoder", "model.safetensors", "text_model.", TEXT),
-             "vision": ("image_encoder", "model.safetensors", "vision_model.", VISION)}
-    for name, (folder, file, prefix, config) in parts.items():
-        weights.save_safetensors(jax.device_get(params[name]), out / folder / file, prefix=prefix,
-                                 metadata={"format": "pt"})
-        _write_json(out / folder / "config.json", config)
-    _write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER)
-    make_tiny_tokenizer_files(out / "tokenizer", words=digits.WORDS)
-    _write_json(out / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "_e4t_jax_version": __version__,
-        "_e4t_jax_preset": "digits",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-    })
-    return out
+    configs = {"unet": UNET, "vae": {**VAE, "scaling_factor": scaling_factor}, "text_encoder": TEXT,
+               "image_encoder": VISION, "scheduler": SCHEDULER}
+    named = {"unet": params["unet"], "vae": params["vae"], "text_encoder": params["text"],
+             "image_encoder": params["vision"]}
+    return presets.write_folder(out_dir, configs, jax.device_get(named), preset="digits", words=digits.WORDS)
