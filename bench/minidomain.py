@@ -142,6 +142,7 @@ def textual_inversion(sd, params, token_id: int, word_id: int, ids: np.ndarray, 
     batch = {"pixels": pixels, "input_ids": np.tile(ids[:batch_size], (count, 1)),
              "index": np.arange(count * batch_size, dtype=np.int32),
              "concept": np.repeat(np.arange(count, dtype=np.int32), batch_size)}
+    batch = jax.device_put(batch)  # one copy to the device, not one per step
     start = time.perf_counter()
     step = step.lower(state, params, batch).compile()
     compile_s, start = time.perf_counter() - start, time.perf_counter()

@@ -11,29 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from e4t_jax import conditioning, schedulers
+from e4t_jax.models.vae import encode_to_latents
 
 PyTree = Any
-
-
-def noise_for_examples(key: jax.Array, index: jax.Array, latent_shape: tuple[int, ...],
-                       num_train_timesteps: int) -> tuple[jax.Array, jax.Array]:
-    """Noise ``[B, h, w, c]`` and timesteps ``[B]`` drawn from ``fold_in(key, index[i])``.
-
-    Drawing per global example index makes an update independent of how the batch is
-    split over devices or hosts.
-    """
-    def draw(i):
-        k_noise, k_t = jax.random.split(jax.random.fold_in(key, i))
-        return (jax.random.normal(k_noise, latent_shape, jnp.float32),
-                jax.random.randint(k_t, (), 0, num_train_timesteps))
-    return jax.vmap(draw)(index)
-
-
-def encode_latents(sd, vae_params: PyTree, pixels: jax.Array) -> jax.Array:
-    """``[B, H, W, 3]`` in [-1, 1] -> scaled latents ``[B, h, w, c]`` (the posterior mean)."""
-    mean, _ = sd.vae.apply({"params": vae_params}, pixels, method=sd.vae.encode)
-    cfg = sd.vae.config
-    return jax.lax.stop_gradient((mean.astype(jnp.float32) - (cfg.shift_factor or 0.0)) * cfg.scaling_factor)
 
 
 def text_to_image_loss(params: PyTree, frozen: PyTree, batch: dict, key: jax.Array, *, sd,
@@ -56,8 +36,8 @@ def text_to_image_loss(params: PyTree, frozen: PyTree, batch: dict, key: jax.Arr
       ``(loss, {"loss": mean loss})``.
     """
     merged = {**frozen, **params}
-    latents = encode_latents(sd, merged["vae"], batch["pixels"])
-    noise, t = noise_for_examples(key, batch["index"], latents.shape[1:], sd.scheduler.num_train_timesteps)
+    latents = jax.lax.stop_gradient(encode_to_latents(merged["vae"], sd.vae, batch["pixels"]))
+    noise, t = schedulers.per_example_noise(key, batch["index"], latents.shape[1:], sd.scheduler.num_train_timesteps)
     noisy = schedulers.add_noise(sd.scheduler, latents, noise, t)
     if encode_text is None:
         context = conditioning.encode_text(sd.text, merged["text"], batch["input_ids"])

@@ -41,10 +41,11 @@ from tqdm import tqdm
 
 from e4t_jax import conditioning, digits, presets, schedulers, weights
 from e4t_jax.diffusion import text_to_image_loss
+from e4t_jax.e4t.vision import resize_and_normalize
 from e4t_jax.models.clip import (CLIP_MEAN, CLIP_STD, CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig,
                                  CLIPVisionTransformer)
 from e4t_jax.models.unet import UNet2DConditionModel, UNetConfig
-from e4t_jax.models.vae import AutoencoderKL, VAEConfig
+from e4t_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
 from e4t_jax.tokenizer import Tokenizer, build_tiny_vocab, make_tiny_tokenizer_files
 from e4t_jax.training import checkpoint, steps
 from e4t_jax.training.config import OptimizerConfig
@@ -130,7 +131,7 @@ def vae_loss(params: PyTree, frozen: PyTree, batch: dict, key: jax.Array, *, kl_
     """Reconstruction MSE of a posterior sample + ``kl_weight`` x KL to N(0, 1)."""
     vae = modules()["vae"]
     mean, logvar = vae.apply({"params": params}, batch["pixels"], method=vae.encode)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    z = sample_latents(mean, logvar, key)
     recon = vae.apply({"params": params}, z, method=vae.decode)
     mse = jnp.mean(jnp.square(recon - batch["pixels"]))
     kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
@@ -140,7 +141,7 @@ def vae_loss(params: PyTree, frozen: PyTree, batch: dict, key: jax.Array, *, kl_
 
 def vision_tokens(vision_params: PyTree, pixels: jax.Array) -> jax.Array:
     """``[B, 16, 16, 3]`` in [-1, 1] -> last-layer patch tokens ``[B, patches, D]``."""
-    x = ((pixels + 1) / 2 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+    x = resize_and_normalize(pixels, VISION["image_size"], CLIP_MEAN, CLIP_STD)  # as the encoder's backbone sees it
     return modules()["vision"].apply({"params": vision_params}, x).last_hidden_state[:, 1:]
 
 
@@ -224,6 +225,7 @@ def train_stage(name: str, out: str | os.PathLike, *, loss_fn: Callable, params:
             ema = jax.tree.map(lambda e, p: stage.ema * e + (1 - stage.ema) * p, ema, train.params)
         return {"train": train, "ema": ema}, metrics
 
+    frozen = jax.device_put(frozen)  # once, not with every step
     stream = data(rng, start)
     log = open(out / "metrics.jsonl", "a")
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=name, mininterval=10)
