@@ -89,6 +89,14 @@ def number(minimum: float | None = None, maximum: float | None = None, *,
     return parse
 
 
+def add_model(parser: argparse.ArgumentParser,
+              help: str = "model folder, Hugging Face id, or preset (digits, tiny, medium)") -> None:
+    """The required ``--model`` and its ``--variant`` (which weight files to read), for every CLI that loads one."""
+    parser.add_argument("--model", required=True, help=help)
+    parser.add_argument("--variant", default=None,
+                        help="read the weight files of this variant (fp16: *.fp16.safetensors, diffusers' naming)")
+
+
 POSITIVE = integer(1)            # steps, batch sizes, counts, widths
 NON_NEGATIVE = integer(0)        # warm-up steps, "0: off" cadences, indexes
 SEED = integer(0, SEED_MAX)

@@ -195,10 +195,9 @@ def _no_weights(folder: Path, variant: str | None) -> CheckpointError:
     pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
     asked = f"no {variant} weights" if variant else "no weights"
     if found:
+        expected = " or ".join(variant_name(f"{name}.safetensors", variant) for name in WEIGHT_NAMES)
         hint = "; pass --variant to pick a variant" if not variant else ""
-        return CheckpointError(f"{asked} in {folder} (expected {variant_name(WEIGHT_NAMES[0] + '.safetensors', variant)} "
-                               f"or {variant_name(WEIGHT_NAMES[1] + '.safetensors', variant)}); it holds "
-                               f"{', '.join(found)}{hint}")
+        return CheckpointError(f"{asked} in {folder} (expected {expected}); it holds {', '.join(found)}{hint}")
     if pickles:
         return CheckpointError(f"{folder} holds only pickle checkpoints ({', '.join(pickles)}); e4t-jax never loads "
                                "pickles (they can run arbitrary code): use the model's safetensors files, or convert "

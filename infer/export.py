@@ -27,9 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = cli.ArgumentParser(prog="e4t-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--concept", type=Path, required=True, help="concept file from e4t-personalize")
-    p.add_argument("--model", required=True,
-                   help="the base model the concept was personalized on: folder, Hugging Face id, or preset")
-    p.add_argument("--variant", default=None, help="the model's weight files of this variant (fp16: *.fp16.safetensors)")
+    cli.add_model(p, "the base model the concept was personalized on: folder, Hugging Face id, or preset")
     p.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
     p.add_argument("--full-pipeline", action="store_true",
                    help="also copy the base model's other components: a complete diffusers pipeline folder")

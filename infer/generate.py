@@ -20,8 +20,7 @@ from e4t_jax.errors import UserError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="e4t-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model folder, Hugging Face id, or preset (digits, tiny, medium)")
-    p.add_argument("--variant", default=None, help="the model's weight files of this variant (fp16: *.fp16.safetensors)")
+    cli.add_model(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
     p.add_argument("--num-images", type=cli.POSITIVE, default=1, help="images per prompt")

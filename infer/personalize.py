@@ -21,8 +21,7 @@ from e4t_jax.errors import UserError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="e4t-personalize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model folder, Hugging Face id, or preset (digits, tiny, medium)")
-    p.add_argument("--variant", default=None, help="the model's weight files of this variant (fp16: *.fp16.safetensors)")
+    cli.add_model(p)
     p.add_argument("--encoder", type=Path, default=None,
                    help="pre-trained domain encoder: an e4t-pretrain run folder or its encoder/ (default: a trained "
                         "preset's own)")

@@ -36,8 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = cli.ArgumentParser(prog="e4t-pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for the options below")
-    p.add_argument("--model", required=True, help="model folder, Hugging Face id, or preset (digits, tiny, medium)")
-    p.add_argument("--variant", default=None, help="the model's weight files of this variant (fp16: *.fp16.safetensors)")
+    cli.add_model(p)
     p.add_argument("--clip-vision", help="vision tower weights (default: MODEL/image_encoder)")
     p.add_argument("--data", type=Path, required=True, help="image folder (recursive: jpg, png, webp, bmp)")
     p.add_argument("--domain-word", help="coarse class word, one token (face, cat, painting)")
