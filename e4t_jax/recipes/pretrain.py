@@ -55,8 +55,8 @@ def _preset(base: str, vision_source: str | None, width: int, steps_count: int, 
 
 PRESETS = {
     # The paper's face setting (512x512, global batch 16, lr 1.6e-5, ~30k steps).
-    "sd15-faces": _preset("runwayml/stable-diffusion-v1-5", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", 1024, 30000,
-                          16, 1.6e-5),
+    "sd15-faces": _preset("stable-diffusion-v1-5/stable-diffusion-v1-5", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                          1024, 30000, 16, 1.6e-5),
     "tiny": _preset("tiny", None, 64, 200, 4, 1e-3),
     # The digits mini-domain (e4t_jax.digits, e4t_jax.recipes.digits): attribute captions,
     # no flips or crops (a mirrored or cropped digit is another digit), the tower's patch
