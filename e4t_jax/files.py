@@ -146,8 +146,9 @@ def base_model_identity(unet_architecture: dict[str, Any], text_width: int) -> d
 
 
 def legacy_fingerprint(unet_config: dict[str, Any]) -> str:
-    """How e4t-jax up to 0.2 recorded the U-Net: a sha256 of its ``config.json`` (sorted keys,
-    without ``_...`` keys), under ``unet_config_sha256``. Kept to check files written then."""
+    """How earlier files recorded the U-Net: a sha256 of its ``config.json`` (sorted keys,
+    without ``_...`` keys), under ``unet_config_sha256``. Kept to check such files (the shipped
+    digits encoder is one); a re-saved config changes it, so new files record the architecture."""
     config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -161,7 +162,7 @@ def identity_mismatches(saved: Any, expected: dict[str, Any]) -> list[str]:
     """
     saved = saved if isinstance(saved, dict) else {}
     if not any(key in saved for key in ("unet_architecture", "unet_config_sha256")):
-        return [f"no base-model identity ({saved or 'none'}); this model has {expected.get('unet_architecture')}"]
+        return ["an unknown U-Net (no base-model identity recorded)"]
     lines = []
     for key, value in expected.items():
         if key not in saved and key in ("unet_architecture", "unet_config_sha256"):

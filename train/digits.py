@@ -9,7 +9,6 @@ are documented in :mod:`e4t_jax.recipes.digits`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path

@@ -37,8 +37,8 @@ def model_identity(sd) -> dict[str, Any]:
 
 def expected_identity(sd) -> dict[str, Any]:
     """What a saved identity is checked against (:func:`e4t_jax.files.identity_mismatches`):
-    :func:`model_identity`, plus the legacy config fingerprint that files written by
-    e4t-jax up to 0.2 hold instead of the architecture."""
+    :func:`model_identity`, plus the legacy config fingerprint that earlier files hold
+    instead of the architecture (:func:`e4t_jax.files.legacy_fingerprint`)."""
     fingerprint = files.legacy_fingerprint(weights.read_config(sd.folder / "unet"))
     return {**model_identity(sd), "unet_config_sha256": fingerprint}
 
