@@ -210,13 +210,14 @@ def bench_preset(preset: str, folder: Path, args: argparse.Namespace) -> dict:
         wall, output = run_cli([cli_path("e4t-personalize"), "--model", preset, "--encoder", info["encoder"],
                                 "--image", str(folder / "astronaut.png"), "--steps", str(steps),
                                 "--batch-size", str(args.batch_size), "--no-preview", "--out", str(concept),
-                                "--cache-dir", str(cache)])
+                                "--cache-dir", str(cache), "--force"])
         personalize = {**cli_timings(output), "wall": wall, "loss": [float(x) for x in LOSS.findall(output)[-1]]}
         print(f"  {preset} ours personalize run {run}: {personalize}", flush=True)
         prompts = [flag for prompt in PROMPTS for flag in ("--prompt", prompt)]
         wall, output = run_cli([cli_path("e4t-generate"), "--model", preset,
                                 "--concept", str(folder / "concept-1.safetensors"), *prompts,
-                                "--steps", str(GENERATE_STEPS), "--cache-dir", str(cache), "--out", str(images)])
+                                "--steps", str(GENERATE_STEPS), "--cache-dir", str(cache), "--out", str(images),
+                                "--force"])
         generate = {**cli_timings(output), "wall": wall}
         print(f"  {preset} ours generate run {run}: {generate}", flush=True)
         ours.append({"personalize": personalize, "generate": generate})

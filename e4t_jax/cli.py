@@ -1,19 +1,107 @@
-"""What the command-line programs (``train/``, ``infer/``) share: one-line errors, fast malloc.
+"""What the command-line programs (``train/``, ``infer/``) share: the argument parser and
+its checked number types, one-line errors, fast malloc.
 
 Only the command-line programs import this module; the library reports user errors
 with :class:`e4t_jax.errors.UserError`, which :func:`main_wrapper` prints as one line.
+A bad flag value is refused by :class:`ArgumentParser` with one line and exit status 2,
+before anything is loaded.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
+import math
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from e4t_jax.errors import UserError
 
 MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+SEED_MAX = 2**32 - 1
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless it is None, off or empty (the help text says what then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default in ("", []) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in ``--help`` and errors as one line (exit status 2)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"formatter_class": HelpFormatter, **kwargs})
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bounds(minimum: float | None, maximum: float | None, above: bool) -> str:
+    low = "" if minimum is None else f"{'above' if above else 'at least'} {minimum:g}"
+    high = "" if maximum is None else f"at most {maximum:g}"
+    return " and ".join(filter(None, [low, high]))
+
+
+def integer(minimum: int | None = None, maximum: int | None = None, *,
+            multiple_of: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in ``[minimum, maximum]`` (and a multiple of ``multiple_of``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(minimum, maximum, False)}, got {value}")
+        if multiple_of and value % multiple_of:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple_of}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(minimum: float | None = None, maximum: float | None = None, *,
+           above: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[minimum, maximum]`` (``(minimum, ...`` with ``above``).
+
+    ``nan`` and ``inf`` are always refused: they make black images or a dead run, silently.
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if ((minimum is not None and (value < minimum or (above and value == minimum)))
+                or (maximum is not None and value > maximum)):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(minimum, maximum, above)}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def add_model(parser: argparse.ArgumentParser,
+              help: str = "model folder, Hugging Face id, or preset (digits, tiny, medium)") -> None:
+    """The required ``--model`` and its ``--variant`` (which weight files to read), for every CLI that loads one."""
+    parser.add_argument("--model", required=True, help=help)
+    parser.add_argument("--variant", default=None,
+                        help="read the weight files of this variant (fp16: *.fp16.safetensors, diffusers' naming)")
+
+
+POSITIVE = integer(1)            # steps, batch sizes, counts, widths
+NON_NEGATIVE = integer(0)        # warm-up steps, "0: off" cadences, indexes
+SEED = integer(0, SEED_MAX)
+LEARNING_RATE = number(0, above=True)
+PIXELS = integer(8, multiple_of=8)  # image sides: multiples of Stable Diffusion's VAE factor
 
 
 def reexec_with_fast_malloc() -> None:
@@ -53,7 +141,11 @@ def _user_message(error: BaseException) -> str | None:
 
 
 def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Decorates a CLI ``main(argv)``: user errors print one line and exit 2."""
+    """Decorates a CLI ``main(argv)``: user errors print one line and exit 2.
+
+    The wrapped function returns the exit status, also for argparse's exits (``--help``: 0,
+    a bad flag: 2), so that tests and other callers can run a CLI in-process.
+    """
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
@@ -63,6 +155,10 @@ def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[li
             logging.getLogger(noisy).setLevel(logging.WARNING)
         try:
             return main(argv) or 0
+        except SystemExit as done:
+            if done.code is None or isinstance(done.code, int):
+                return done.code or 0
+            raise
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

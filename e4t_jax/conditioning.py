@@ -64,31 +64,34 @@ class CLIPText:
         return self.module.apply({"params": params}, ids, inputs_embeds=embeds).last_hidden_state
 
 
-def _load_clip_text(folder: str | os.PathLike, dtype: Any, param_dtype: Any) -> tuple[CLIPText, PyTree]:
-    module, params = load_clip_text(folder, dtype, param_dtype=param_dtype)
+def _load_clip_text(folder: str | os.PathLike, dtype: Any, param_dtype: Any,
+                    variant: str | None = None) -> tuple[CLIPText, PyTree]:
+    module, params = load_clip_text(folder, dtype, param_dtype=param_dtype, variant=variant)
     return CLIPText(module), params
 
 
-# ``model_type`` of text_encoder/config.json -> loader(folder, dtype, param_dtype) -> (conditioner, params).
+# ``model_type`` of text_encoder/config.json -> loader(folder, dtype, param_dtype[, variant]) -> (conditioner, params).
 TEXT_CONDITIONERS: dict[str, Callable[..., tuple[TextConditioner, PyTree]]] = {"clip_text_model": _load_clip_text}
 
 
 def register(model_type: str, loader: Callable[..., tuple[TextConditioner, PyTree]]) -> None:
     """Makes :func:`load` read text encoders whose config says ``model_type``.
 
-    ``loader(folder, dtype, param_dtype) -> (conditioner, params)``.
+    ``loader(folder, dtype, param_dtype) -> (conditioner, params)``; a loader that reads
+    weight variants (``--variant fp16``) also takes ``variant=`` (and passes it to
+    :func:`e4t_jax.weights.load_state_dict`); it is passed only when one is asked for.
     """
     TEXT_CONDITIONERS[model_type] = loader
 
 
-def load(folder: str | os.PathLike, dtype: Any = jnp.float32,
-         param_dtype: Any = jnp.float32) -> tuple[TextConditioner, PyTree]:
-    """The conditioner of a ``text_encoder/`` folder and its params."""
+def load(folder: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, *,
+         variant: str | None = None) -> tuple[TextConditioner, PyTree]:
+    """The conditioner of a ``text_encoder/`` folder and its params (``variant``: its weight files')."""
     model_type = weights.read_config(folder).get("model_type", "clip_text_model")
     if model_type not in TEXT_CONDITIONERS:
         raise ValueError(f"{folder}: no text conditioner for model_type {model_type!r}; "
                          f"known: {sorted(TEXT_CONDITIONERS)} (e4t_jax.conditioning.register adds one)")
-    return TEXT_CONDITIONERS[model_type](folder, dtype, param_dtype)
+    return TEXT_CONDITIONERS[model_type](folder, dtype, param_dtype, **({"variant": variant} if variant else {}))
 
 
 def inject(token_embeds: jax.Array, input_ids: jax.Array, token_id: int | jax.Array,

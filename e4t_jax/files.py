@@ -1,5 +1,6 @@
-"""File helpers that several layers share: atomic writes, the base-model identity, and
-the orbax directory of a pre-trained domain encoder.
+"""File helpers that several layers share: atomic writes, the checks that keep a program
+from overwriting what it did not make, the base-model identity, and the orbax directory
+of a pre-trained domain encoder.
 
 An exported domain encoder is a standalone orbax directory with two items:
 ``params`` (``{"encoder": ..., "offsets": ...}``) and ``config`` (JSON, holding a
@@ -15,7 +16,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterable, Iterator
+
+from e4t_jax.errors import UserError
 
 PyTree = Any
 
@@ -23,6 +26,7 @@ IDENTITY_NAMES = {
     "text_width": "text width",
     "cross_attention_dim": "U-Net cross-attention width",
     "unet_config_sha256": "U-Net config fingerprint (sha256)",
+    "unet_architecture": "U-Net architecture",
 }
 
 
@@ -38,11 +42,83 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = tmp_dir / target.name
     try:
         yield tmp
+        honour_umask(tmp)
         if target.is_dir() and tmp.is_dir():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Gives ``path`` (and, for a folder, everything in it) the modes of a plain ``open``:
+    ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders.
+
+    Temporary folders and safetensors' writer create owner-only (0600/0700) entries; what
+    a program hands to the user should be readable as the user's umask says.
+    """
+    mask, path = _umask(), Path(path)
+    entries = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for entry in entries:
+        if not entry.is_symlink():
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
+def _overlaps(output: Path, source: Path) -> bool:
+    """Whether writing ``output`` could change ``source``: the same path, or one inside the other."""
+    output, source = output.resolve(), source.resolve()
+    return output == source or source in output.parents or output in source.parents
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike], *, inputs: Iterable[str | os.PathLike | None] = (),
+                  force: bool = False, hint: str = "pass --force to replace it, or choose another --out") -> None:
+    """Refuses, before any work, outputs that would lose a file.
+
+    An output may never be an input, lie inside an input folder or hold an input, even
+    with ``force``; an output that exists is refused unless ``force``.
+
+    Args:
+      outputs: the files (or folders) about to be written.
+      inputs: what the program reads; Hub ids, preset names and None are skipped.
+      force: replace existing outputs.
+      hint: what the user can do about an existing output.
+
+    Raises:
+      UserError: naming the output, and what to do.
+    """
+    sources = [Path(source) for source in inputs if source is not None and Path(source).exists()]
+    for output in map(Path, outputs):
+        for source in sources:
+            if _overlaps(output, source):
+                raise UserError(f"{output} would overwrite the input {source}; choose another output path")
+        if output.exists() and not force:
+            raise UserError(f"{output} already exists; {hint}")
+
+
+def check_folder(folder: str | os.PathLike, owned: Collection[str], program: str, *,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuses an output folder that holds anything ``program`` does not write there.
+
+    The folder may be new, empty, or hold only entries named in ``owned`` (what
+    ``program`` wrote there before: it continues or replaces its own work).
+
+    Raises:
+      UserError: the folder is a file, overlaps an input, or holds foreign entries.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; {program} writes a folder: choose another --out")
+    check_outputs([folder], inputs=inputs, force=True)
+    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in owned) if folder.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"{folder} holds files that {program} did not write ({shown}); choose another --out")
 
 
 def absolute(directory: str | os.PathLike) -> str:
@@ -51,27 +127,52 @@ def absolute(directory: str | os.PathLike) -> str:
     return directory if "://" in directory else os.path.abspath(os.path.expanduser(directory))
 
 
-def base_model_identity(unet_config: dict[str, Any], text_width: int) -> dict[str, Any]:
+def base_model_identity(unet_architecture: dict[str, Any], text_width: int) -> dict[str, Any]:
     """What trained add-ons (encoders, concepts) depend on in the base model.
 
     Args:
-      unet_config: the U-Net's ``config.json`` contents.
+      unet_architecture: the U-Net's parsed architecture, the fields that fix its
+        parameter shapes (:meth:`e4t_jax.models.unet.UNetConfig.architecture`): a re-saved
+        or mirrored copy of the same model has the same one, whatever its config file's
+        key order, bookkeeping keys or newer defaults.
       text_width: the text encoder's hidden size (768 for SD 1.x, 1024 for SD 2.x).
 
     Returns:
-      ``{"text_width", "cross_attention_dim", "unet_config_sha256"}``; the sha256 is
-      taken over the config with sorted keys, without bookkeeping keys (``_...``).
+      ``{"text_width", "cross_attention_dim", "unet_architecture"}`` (JSON values).
     """
-    architecture = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode("utf-8")).hexdigest()
-    return {"text_width": int(text_width), "cross_attention_dim": unet_config.get("cross_attention_dim"),
-            "unet_config_sha256": digest}
+    architecture = json.loads(json.dumps(unet_architecture))  # tuples -> lists, as read back from JSON
+    return {"text_width": int(text_width), "cross_attention_dim": architecture["cross_attention_dim"],
+            "unet_architecture": architecture}
 
 
-def identity_mismatches(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Readable ``"text width 768; this model has 32"`` lines where two identities differ."""
-    return [f"{IDENTITY_NAMES.get(key, key)} {saved.get(key)}; this model has {value}"
-            for key, value in expected.items() if saved.get(key) != value]
+def legacy_fingerprint(unet_config: dict[str, Any]) -> str:
+    """How earlier files recorded the U-Net: a sha256 of its ``config.json`` (sorted keys,
+    without ``_...`` keys), under ``unet_config_sha256``. Kept to check such files (the shipped
+    digits encoder is one); a re-saved config changes it, so new files record the architecture."""
+    config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def identity_mismatches(saved: Any, expected: dict[str, Any]) -> list[str]:
+    """Readable ``"text width 768; this model has 32"`` lines where a saved identity differs.
+
+    ``expected`` may hold both U-Net records (``unet_architecture`` and the legacy
+    ``unet_config_sha256``); only those the saved identity holds are compared, and a
+    saved identity with neither is foreign.
+    """
+    saved = saved if isinstance(saved, dict) else {}
+    if not any(key in saved for key in ("unet_architecture", "unet_config_sha256")):
+        return ["an unknown U-Net (no base-model identity recorded)"]
+    lines = []
+    for key, value in expected.items():
+        if key not in saved and key in ("unet_architecture", "unet_config_sha256"):
+            continue
+        if key == "unet_architecture" and isinstance(saved[key], dict):
+            lines += [f"U-Net {field} {saved[key].get(field)}; this model has {wanted}"
+                      for field, wanted in value.items() if saved[key].get(field) != wanted]
+        elif saved.get(key) != value:
+            lines.append(f"{IDENTITY_NAMES.get(key, key)} {saved.get(key)}; this model has {value}")
+    return lines
 
 
 def _encoder_checkpointer():
@@ -124,7 +225,7 @@ def load_encoder(directory: str | os.PathLike, *, expected: dict[str, Any] | Non
     Args:
       directory: the encoder checkpoint.
       expected: the identity of the base model it will be used with
-        (:func:`base_model_identity`); None skips the check.
+        (:func:`base_model_identity`, compared by :func:`identity_mismatches`); None skips the check.
       sharding: a ``jax.sharding.Sharding`` for every array (default: the first local device).
 
     Raises:

@@ -75,33 +75,36 @@ class StableDiffusion:
         return self.unet.config.sample_size * self.downsample_factor
 
 
-def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A model folder for a preset name (``tiny``, ``medium``), a local folder or a Hub id."""
+def resolve(path_or_id: str | os.PathLike, variant: str | None = None) -> Path:
+    """A model folder for a preset name (``tiny``, ``medium``), a local folder or a Hub id
+    (whose pipeline parts are fetched, their ``variant`` weights if given)."""
     if presets.is_preset(str(path_or_id)):
         return presets.preset_dir(str(path_or_id))
-    return weights.resolve_model(path_or_id)
+    return weights.resolve_model(path_or_id, variant=variant)
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: bool = False, *,
-               param_dtype: Any = jnp.float32) -> tuple[StableDiffusion, PyTree, Tokenizer]:
+               param_dtype: Any = jnp.float32, variant: str | None = None) -> tuple[StableDiffusion, PyTree, Tokenizer]:
     """Loads U-Net, VAE, text encoder, tokenizer and scheduler config of a model folder.
 
     Args:
       dtype: compute dtype of the modules.
       remat: rematerialize U-Net blocks in the backward pass.
       param_dtype: dtype of the loaded weights (float32, bfloat16 or float16).
+      variant: read the weight files of this variant (``fp16``: ``*.fp16.safetensors``,
+        diffusers' naming) instead of the plain ones (:func:`e4t_jax.weights.weight_files`).
 
     Returns:
       ``(model, params, tokenizer)`` with params ``{"unet", "vae", "text"}`` (device
       arrays in ``param_dtype``, placed once so that sampling calls copy nothing).
     """
-    folder = resolve(path_or_id)
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    folder = resolve(path_or_id, variant)
+    for part in weights.PIPELINE_PARTS:
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"{folder} has no {part}/ folder: it is not a diffusers Stable Diffusion model.")
-    unet, unet_params = load_unet(folder / "unet", dtype, remat=remat, param_dtype=param_dtype)
-    vae, vae_params = load_vae(folder / "vae", dtype, param_dtype=param_dtype)
-    text, text_params = conditioning.load(folder / "text_encoder", dtype, param_dtype=param_dtype)
+    unet, unet_params = load_unet(folder / "unet", dtype, remat=remat, param_dtype=param_dtype, variant=variant)
+    vae, vae_params = load_vae(folder / "vae", dtype, param_dtype=param_dtype, variant=variant)
+    text, text_params = conditioning.load(folder / "text_encoder", dtype, param_dtype=param_dtype, variant=variant)
     scheduler = schedulers.SchedulerConfig.from_diffusers(weights.read_config(folder / "scheduler",
                                                                               "scheduler_config.json"))
     model = StableDiffusion(unet, vae, text, scheduler, folder, str(path_or_id))
@@ -298,16 +301,20 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     return grid
 
 
+def output_files(out: str | os.PathLike, count: int) -> list[Path]:
+    """What :func:`save_images` writes for ``count`` images: ``000.png``..., ``grid.png``, ``prompts.txt``."""
+    out = Path(out)
+    return [out / f"{i:03d}.png" for i in range(count)] + [out / "grid.png", out / "prompts.txt"]
+
+
 def save_images(images_uint8: np.ndarray, prompts: list[str], out: str | os.PathLike) -> list[Path]:
-    """Writes ``000.png``..., ``grid.png`` and ``prompts.txt`` into ``out``; returns the image paths."""
+    """Writes :func:`output_files` into ``out``; returns the image paths."""
     from PIL import Image
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images_uint8):
-        paths.append(out / f"{i:03d}.png")
-        Image.fromarray(image).save(paths[-1])
-    Image.fromarray(image_grid(images_uint8)).save(out / "grid.png")
-    (out / "prompts.txt").write_text("".join(f"{p.name}\t{prompt}\n" for p, prompt in zip(paths, prompts)))
+    *paths, grid, prompts_file = output_files(out, len(images_uint8))
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(paths, images_uint8):
+        Image.fromarray(image).save(path)
+    Image.fromarray(image_grid(images_uint8)).save(grid)
+    prompts_file.write_text("".join(f"{p.name}\t{prompt}\n" for p, prompt in zip(paths, prompts)))
     return paths

@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if Path(args.out).exists():
+        parser.error(f"{args.out} exists; choose a new folder")
     print(write_model(args.out, args.preset, args.seed))
     return 0
 

@@ -17,13 +17,22 @@ outside the list split into smaller pieces, down to single bytes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import transformers
+
+
+def _not_the_torch_notice(record: logging.LogRecord) -> bool:
+    """transformers says "PyTorch was not found" on import; e4t-jax needs only its tokenizer."""
+    return "PyTorch was not found" not in record.getMessage()
+
+
+logging.getLogger("transformers").addFilter(_not_the_torch_notice)  # before the import that logs it
+import transformers  # noqa: E402
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

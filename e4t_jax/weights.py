@@ -14,8 +14,10 @@ Flax leaf                   PyTorch key suffix          transform
 anything else               same name                  as is
 ==========================  =========================  ==========================
 
-Pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``) can run arbitrary code when loaded,
-so they are refused unless the caller passes ``allow_pickle=True``.
+Only safetensors files are read: pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``) can
+run arbitrary code when loaded, and are never loaded. Which files of a folder hold its
+weights is one explicit rule (:func:`weight_files`), with diffusers' variant naming
+(``--variant fp16``: ``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -172,48 +174,81 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"Could not read {path}: {e}. The file is damaged or not a safetensors file.") from e
 
 
-def _read_pickle(path: Path) -> dict[str, np.ndarray]:
-    import torch  # only reached after an explicit opt-in
-
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' weight file names
 
 
-def load_state_dict(folder: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Reads the weights of one model folder (``unet/``, ``text_encoder/``, ...).
+def variant_name(filename: str, variant: str | None) -> str:
+    """diffusers' and transformers' variant naming: the variant goes before the last suffix.
 
-    Accepts a single ``*.safetensors`` file or a sharded set described by a
-    ``*.safetensors.index.json``. Prefers ``diffusion_pytorch_model.safetensors`` /
-    ``model.safetensors``; ignores variants (``*.fp16.safetensors``) unless alone.
+    >>> variant_name("model.safetensors.index.json", "fp16")
+    'model.safetensors.index.fp16.json'
+    """
+    if not variant:
+        return filename
+    stem, suffix = filename.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def _no_weights(folder: Path, variant: str | None) -> CheckpointError:
+    """The error for a folder without the weights asked for, naming what it holds."""
+    found = sorted(f.name for f in folder.glob("*.safetensors*"))
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    asked = f"no {variant} weights" if variant else "no weights"
+    if found:
+        expected = " or ".join(variant_name(f"{name}.safetensors", variant) for name in WEIGHT_NAMES)
+        hint = "; pass --variant to pick a variant" if not variant else ""
+        return CheckpointError(f"{asked} in {folder} (expected {expected}); it holds {', '.join(found)}{hint}")
+    if pickles:
+        return CheckpointError(f"{folder} holds only pickle checkpoints ({', '.join(pickles)}); e4t-jax never loads "
+                               "pickles (they can run arbitrary code): use the model's safetensors files, or convert "
+                               "it (load it in diffusers or transformers and save_pretrained(..., "
+                               "safe_serialization=True))")
+    return CheckpointError(f"No weights found in {folder}: expected *.safetensors files.")
+
+
+def weight_files(folder: str | os.PathLike, variant: str | None = None) -> list[Path]:
+    """The safetensors files that hold one component's weights (``unet/``, ``text_encoder/``, ...).
+
+    The rule, first match wins, for NAME in ``diffusion_pytorch_model``, ``model``:
+
+    1. ``NAME.safetensors`` (with a variant: ``NAME.VARIANT.safetensors``), one file;
+    2. ``NAME.safetensors.index.json`` (``NAME.safetensors.index.VARIANT.json``): the
+       shards its ``weight_map`` names;
+    3. with no variant asked and no file of these names at all: the folder's only
+       ``*.safetensors`` file.
+
+    So with no variant the plain (full-precision) files are taken even when variant
+    files (``*.fp16.*``) sit beside them, and a variant asked for is taken or refused,
+    never replaced by another. ``folder`` may also be one ``.safetensors`` file.
+
+    Raises:
+      CheckpointError: no such files, naming what the folder holds.
     """
     folder = Path(folder)
     if folder.is_file():
-        files = [folder]
-    elif not folder.is_dir():
+        return [folder]
+    if not folder.is_dir():
         raise CheckpointError(f"No model weights at {folder}: the folder does not exist.")
-    else:
-        indexes = sorted(folder.glob("*.safetensors.index.json"))
-        if indexes:
-            index = json.loads(indexes[0].read_text())
-            files = [folder / name for name in sorted(set(index["weight_map"].values()))]
-        else:
-            singles = sorted(folder.glob("*.safetensors"))
-            plain = [f for f in singles if f.name.count(".") == 1]
-            files = plain[:1] or singles[:1]
-    if files and files[0].suffix == ".safetensors":
-        state = {}
-        for file in files:
-            state.update(read_safetensors(file))
-        return state
-    pickles = sorted(p for p in ([folder] if folder.is_file() else folder.iterdir()) if p.suffix in PICKLE_SUFFIXES)
-    if not pickles:
-        raise CheckpointError(f"No weights found in {folder}: expected *.safetensors files.")
-    if not allow_pickle:
-        raise CheckpointError(
-            f"{pickles[0]} is a pickle checkpoint; loading it can run arbitrary code. Convert it to "
-            "safetensors, or pass allow_pickle=True (--allow-pickle) if you trust its source.")
-    return _read_pickle(pickles[0])
+    for name in WEIGHT_NAMES:
+        single = folder / variant_name(f"{name}.safetensors", variant)
+        if single.is_file():
+            return [single]
+        index = folder / variant_name(f"{name}.safetensors.index.json", variant)
+        if index.is_file():
+            return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    others = sorted(folder.glob("*.safetensors"))
+    if not variant and len(others) == 1 and not any(f.name.startswith(WEIGHT_NAMES) for f in others):
+        return others
+    raise _no_weights(folder, variant)
+
+
+def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None) -> dict[str, np.ndarray]:
+    """Reads the weights of one model folder (``unet/``, ``text_encoder/``, ...), picked by
+    :func:`weight_files`."""
+    state = {}
+    for file in weight_files(folder, variant):
+        state.update(read_safetensors(file))
+    return state
 
 
 def save_safetensors(params: PyTree, path: str | os.PathLike, *, prefix: str = "",
@@ -221,17 +256,23 @@ def save_safetensors(params: PyTree, path: str | os.PathLike, *, prefix: str = "
     """Writes a params pytree as a PyTorch-layout safetensors file (round-trips exactly)."""
     from safetensors.numpy import save_file
 
+    from e4t_jax.files import honour_umask
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(params_to_state_dict(params, prefix=prefix), str(path), metadata=metadata)
+    honour_umask(path)
 
 
 def save_pytree(tree: PyTree, path: str | os.PathLike) -> None:
     """Writes a nested dict of arrays as safetensors, keys joined by ``/`` (no layout change)."""
     from safetensors.numpy import save_file
 
+    from e4t_jax.files import honour_umask
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
     save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path))
+    honour_umask(path)
 
 
 def load_pytree(path: str | os.PathLike) -> PyTree:
@@ -239,8 +280,41 @@ def load_pytree(path: str | os.PathLike) -> PyTree:
     return traverse_util.unflatten_dict(read_safetensors(path), sep="/")
 
 
-def resolve_model(path_or_id: str | os.PathLike) -> Path:
-    """A local model folder, or a Hugging Face Hub model id resolved to a local snapshot.
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def is_hub_id(text: str | os.PathLike) -> bool:
+    """Whether ``text`` names a Hugging Face Hub repository (``owner/name``) rather than a local path."""
+    text = str(text)
+    return not Path(text).expanduser().exists() and not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
+def hub_patterns(parts: Sequence[str] | None, variant: str | None = None) -> list[str]:
+    """The ``allow_patterns`` of a Hub download: configs, tokenizer files and the weights
+    that :func:`weight_files` reads, of ``parts`` only (None: a single-model repository,
+    whose files are at its root).
+
+    Root-level checkpoints, the safety checker, pickles and other variants are never fetched.
+    """
+    folders = [f"{part}/" for part in parts] if parts is not None else [""]
+    patterns = ["model_index.json"] if parts is not None else []
+    for folder in folders:
+        patterns += [f"{folder}*.json", f"{folder}*.txt"]
+        for name in WEIGHT_NAMES:
+            single = variant_name(f"{name}.safetensors", variant)
+            patterns += [f"{folder}{single}", f"{folder}{single[:-len('.safetensors')]}-*-of-*.safetensors"]
+    return patterns
+
+
+def resolve_model(path_or_id: str | os.PathLike, *, parts: Sequence[str] | None = PIPELINE_PARTS,
+                  variant: str | None = None) -> Path:
+    """A local model folder as is, or a Hugging Face Hub model id fetched to a local snapshot.
+
+    Args:
+      parts: the subfolders to fetch (default: those of a Stable Diffusion pipeline that
+        e4t-jax reads; ``("image_encoder",)`` adds that one); None for a repository that
+        holds one model at its root (a CLIP vision tower).
+      variant: fetch the weight files of this variant (``fp16``) instead of the plain ones.
 
     Raises:
       FileNotFoundError: with instructions, when the id cannot be reached offline.
@@ -249,14 +323,12 @@ def resolve_model(path_or_id: str | os.PathLike) -> Path:
     if path.exists():
         return path
     text = str(path_or_id)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_hub_id(text):
         raise FileNotFoundError(f"Model folder {text} does not exist.")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(
-            text, allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer/*", "scheduler/*"],
-            ignore_patterns=["*.fp16.*", "*non_ema*", "*.ckpt", "*.bin", "*.msgpack", "*.onnx*"]))
+        return Path(snapshot_download(text, allow_patterns=hub_patterns(parts, variant)))
     except Exception as e:  # network down, gated repo, unknown id
         raise FileNotFoundError(
             f"Could not resolve '{text}' as a local folder or a Hugging Face Hub model id ({type(e).__name__}: {e}). "

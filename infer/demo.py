@@ -10,7 +10,8 @@ with prompts that ask for new colours and positions.
 
 Writes ``OUT/input.png`` (the image), ``OUT/concept.safetensors``, ``OUT/images/``
 (one PNG per prompt) and ``OUT/grid.png`` (input first, then one picture per prompt,
-enlarged 8x with the prompt beneath).
+enlarged 8x with the prompt beneath). ``OUT`` must be new, empty, or a folder this demo
+wrote (run again, it replaces its own files); anything else is refused.
 """
 from __future__ import annotations
 
@@ -21,29 +22,25 @@ import time
 from pathlib import Path
 
 from e4t_jax import cli
-from e4t_jax.errors import UserError
 
 log = logging.getLogger("e4t.demo")
+WRITES = frozenset({"input.png", "concept.safetensors", "images", "grid.png"})  # what OUT holds
 # (digit colour, background, position) of each generated picture.
 ASKED = (("red", "white", "left"), ("yellow", "blue", "right"), ("green", "black", "center"),
          ("white", "purple", "left"), ("blue", "yellow", "center"), ("orange", "black", "right"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="e4t-demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from e4t_jax.digits import NUM_DIGITS, NUM_TRAIN
+
+    p = cli.ArgumentParser(prog="e4t-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("e4t-demo"), help="output folder (new, or one this demo wrote)")
-    p.add_argument("--digit", type=int, default=1500,
-                   help="which of the 1,797 digits to personalize on (1500-1796 are held out from all training)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digit", type=cli.integer(0, NUM_DIGITS - 1), default=NUM_TRAIN,
+                   help=f"which of the {NUM_DIGITS:,} digits to personalize on ({NUM_TRAIN}-{NUM_DIGITS - 1} are "
+                        "held out from all training)")
+    p.add_argument("--seed", type=cli.SEED, default=0)
     p.add_argument("--cache-dir", type=Path, default=None, help="persistent compilation cache folder")
     return p.parse_args(argv)
-
-
-def _check_out(out: Path) -> None:
-    """The demo writes only into a new folder or one it wrote before (it holds ``input.png``)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "input.png").is_file())):
-        raise UserError(f"{out} exists and is not an e4t-demo folder; pass another --out")
 
 
 def labelled_grid(images, captions, scale: int = 8):
@@ -66,17 +63,14 @@ def labelled_grid(images, captions, scale: int = 8):
 @cli.main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from e4t_jax.digits import NUM_DIGITS
+    from e4t_jax import files
 
-    if not 0 <= args.digit < NUM_DIGITS:
-        raise UserError(f"--digit must be in [0, {NUM_DIGITS}), got {args.digit}")
-    _check_out(args.out)
+    files.check_folder(args.out, WRITES, "e4t-demo")
     cli.reexec_with_fast_malloc()
     import numpy as np
     from PIL import Image
 
     from e4t_jax import digits, runtime
-    from e4t_jax.e4t.pretrained import default_encoder
     from e4t_jax.recipes.generate import generate_files
     from e4t_jax.recipes.personalize import personalize_file
 
@@ -92,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
              digits.attribute_prompt("digit", attributes.color, attributes.background, attributes.position))
     concept = args.out / "concept.safetensors"
     log.info("[2/3] personalizing the digits preset on %s", args.out / "input.png")
-    personalize_file("digits", default_encoder("digits"), args.out / "input.png", concept, seed=args.seed,
-                     preview_prompts=())
+    personalize_file("digits", None, args.out / "input.png", concept, seed=args.seed, preview_prompts=(),
+                     force=True)
     log.info("[3/3] generating with the concept")
     prompts = [digits.attribute_prompt("S*", *asked) for asked in ASKED]
-    paths = generate_files("digits", prompts, args.out / "images", concepts=[concept], seed=args.seed)
+    paths = generate_files("digits", prompts, args.out / "images", concepts=[concept], seed=args.seed, force=True)
     pictures = np.stack([image] + [np.asarray(Image.open(p)) for p in paths])
     labelled_grid(pictures, ["input"] + prompts).save(args.out / "grid.png")
     log.info("done in %.0fs: %s", time.perf_counter() - start, args.out / "grid.png")

@@ -2,7 +2,7 @@
 
 Example::
 
-    e4t-export --concept me.safetensors --model runwayml/stable-diffusion-v1-5 --out me-diffusers/
+    e4t-export --concept me.safetensors --model stable-diffusion-v1-5/stable-diffusion-v1-5 --out me-diffusers/
     e4t-export --concept me.safetensors --model tiny --out me-pipeline/ --full-pipeline
 
 Writes the textual-inversion embedding (``learned_embeds.safetensors``), the base U-Net
@@ -25,15 +25,15 @@ log = logging.getLogger("e4t.export")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from e4t_jax.e4t.export import DTYPES
 
-    p = argparse.ArgumentParser(prog="e4t-export", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="e4t-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--concept", type=Path, required=True, help="concept file from e4t-personalize")
-    p.add_argument("--model", default="tiny",
-                   help="the base model the concept was personalized on: folder, Hugging Face id, or preset 'tiny'")
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist, or be empty)")
+    cli.add_model(p, "the base model the concept was personalized on: folder, Hugging Face id, or preset")
+    p.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
     p.add_argument("--full-pipeline", action="store_true",
                    help="also copy the base model's other components: a complete diffusers pipeline folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the merged U-Net weights")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace an earlier export in --out")
     return p.parse_args(argv)
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from e4t_jax.e4t.export import EMBEDDING_FILE, export_concept
 
     out = export_concept(args.concept, args.model, args.out, full_pipeline=args.full_pipeline, dtype=args.dtype,
-                         overwrite=args.overwrite)
+                         force=args.force, variant=args.variant)
     log.info("wrote %s (%s)", out, "a full diffusers pipeline" if args.full_pipeline else f"unet/ and {EMBEDDING_FILE}")
     return 0
 

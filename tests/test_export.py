@@ -132,5 +132,5 @@ def test_refuses_a_non_empty_out(exported, tiny_model_dir, capsys):
     concept_file, out, _, _ = exported
     before = sorted(p.name for p in out.iterdir())
     assert export.main(["--concept", str(concept_file), "--model", str(tiny_model_dir), "--out", str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    assert "--force" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before

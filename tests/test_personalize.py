@@ -23,6 +23,7 @@ from e4t_jax import presets, weights
 from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t.pretrained import preset_encoder_dir
 from e4t_jax.files import base_model_identity
+from e4t_jax.models.unet import UNetConfig
 from infer import generate, personalize
 
 TUNING = ["--steps", "15", "--batch-size", "4", "--lr", "1e-3", "--no-preview"]
@@ -76,7 +77,8 @@ def test_concept_file_header_and_size(concept_file):
     text_width = weights.read_config(model / "text_encoder")["hidden_size"]
     words = header["config"]["model"]
     assert words["placeholder"] == "S*" and words["domain_word"] == "face" and header["model_id"] == "tiny"
-    assert header["base_model"] == base_model_identity(weights.read_config(model / "unet"), text_width)
+    architecture = UNetConfig.from_diffusers(weights.read_config(model / "unet")).architecture()
+    assert header["base_model"] == base_model_identity(architecture, text_width)
     assert tensors["embedding"].shape == (text_width,)
     assert any(name.startswith("offsets/") for name in tensors) and not any(n.startswith("head/") for n in tensors)
     size = concept_file.stat().st_size

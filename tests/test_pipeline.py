@@ -51,7 +51,7 @@ def test_second_call_compiles_nothing(loaded):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sampler", "heun"], "unknown sampler"),
+    (["--sampler", "heun"], "invalid choice: 'heun'"),
     (["--height", "60"], "multiple of 8"),
     (["--model", "/nonexistent/model"], "does not exist"),
 ])

@@ -29,7 +29,7 @@ SD2_TINY = dict(
     attention_head_dim=[2, 4, 8], cross_attention_dim=48, use_linear_projection=True, upcast_attention=True,
     only_cross_attention=[False, True, False], flip_sin_to_cos=True, freq_shift=0,
 )
-SD15 = {  # runwayml/stable-diffusion-v1-5 unet/config.json
+SD15 = {  # stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json
     "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
     "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
     "cross_attention_dim": 768,

@@ -1,4 +1,5 @@
-"""The checkpoint loader: key mapping, sharded files, pickle refusal, clear errors, dtypes, model ids."""
+"""The checkpoint loader: key mapping, which files are read (variants, shards, Hub downloads), no pickles,
+clear errors, dtypes, model ids."""
 import json
 
 import jax
@@ -74,13 +75,106 @@ def test_sharded_checkpoint_with_index(tmp_path):
     np.testing.assert_array_equal(loaded["norm.weight"], state["norm.weight"])
 
 
-def test_pickle_is_refused_unless_allowed(tmp_path):
-    torch = pytest.importorskip("torch")
-    torch.save({k: torch.from_numpy(v) for k, v in _state(np.random.default_rng(2)).items()},
-               tmp_path / "pytorch_model.bin")
-    with pytest.raises(weights.CheckpointError, match="pickle checkpoint; loading it can run arbitrary code"):
+def test_pickles_are_never_loaded(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(weights.CheckpointError, match="never loads pickles") as error:
         weights.load_state_dict(tmp_path)
-    assert set(weights.load_state_dict(tmp_path, allow_pickle=True)) == set(_state(np.random.default_rng(2)))
+    assert "allow" not in str(error.value)  # no opt-in is advertised: there is none
+
+
+def _save(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": np.full((2,), value, np.float32)}, str(path))
+
+
+def _sharded(folder, index_name, shard_stem, value):
+    """Two shards and their index, each shard holding one key of ``value``."""
+    names = [f"{shard_stem}-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    for key, name in zip(("a", "b"), names):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({key: np.full((2,), value, np.float32)}, str(folder / name))
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": dict(zip(("a", "b"), names))}))
+
+
+@pytest.fixture
+def hub_like(tmp_path):
+    """A model folder laid out like a Hub snapshot: plain, fp16, non-EMA and pickle files side by side.
+
+    Each file's values say which file it is: 32 plain, 16 fp16, 99 a file never to be read.
+    """
+    unet, text = tmp_path / "unet", tmp_path / "text_encoder"
+    _save(unet / "diffusion_pytorch_model.safetensors", 32)
+    _save(unet / "diffusion_pytorch_model.fp16.safetensors", 16)
+    _save(unet / "diffusion_pytorch_model.non_ema.safetensors", 99)
+    _save(unet / "aaa_first_alphabetically.safetensors", 99)
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    _sharded(text, "model.safetensors.index.json", "model", 32)
+    _sharded(text, "model.safetensors.index.fp16.json", "model.fp16", 16)
+    _save(text / "zzz.safetensors", 99)
+    return tmp_path
+
+
+@pytest.mark.parametrize("variant, value", [(None, 32), ("fp16", 16)])
+def test_weight_files_follow_the_documented_rule(hub_like, variant, value):
+    unet = weights.load_state_dict(hub_like / "unet", variant=variant)
+    assert set(unet) == {"w"} and (unet["w"] == value).all()
+    text = weights.load_state_dict(hub_like / "text_encoder", variant=variant)  # sharded: both shards, one variant
+    assert set(text) == {"a", "b"} and all((v == value).all() for v in text.values())
+
+
+def test_a_single_file_wins_over_an_index_and_an_odd_name_is_read_only_alone(tmp_path):
+    _sharded(tmp_path / "both", "model.safetensors.index.json", "model", 99)
+    _save(tmp_path / "both" / "model.safetensors", 32)
+    assert (weights.load_state_dict(tmp_path / "both")["w"] == 32).all()
+    _save(tmp_path / "odd" / "unet.safetensors", 32)
+    assert (weights.load_state_dict(tmp_path / "odd")["w"] == 32).all()
+    _save(tmp_path / "odd" / "other.safetensors", 99)
+    with pytest.raises(weights.CheckpointError, match="it holds other.safetensors, unet.safetensors"):
+        weights.load_state_dict(tmp_path / "odd")
+
+
+def test_a_missing_variant_is_refused_not_replaced(tmp_path):
+    _save(tmp_path / "plain" / "model.safetensors", 32)
+    with pytest.raises(weights.CheckpointError, match="no fp16 weights in .*model.fp16.safetensors"):
+        weights.load_state_dict(tmp_path / "plain", variant="fp16")
+    _save(tmp_path / "fp16_only" / "model.fp16.safetensors", 16)
+    with pytest.raises(weights.CheckpointError, match="pass --variant"):
+        weights.load_state_dict(tmp_path / "fp16_only")
+
+
+# The files of stable-diffusion-v1-5/stable-diffusion-v1-5 on the Hub (13 GB in all).
+SD15_FILES = """.gitattributes README.md model_index.json v1-inference.yaml
+v1-5-pruned.ckpt v1-5-pruned.safetensors v1-5-pruned-emaonly.ckpt v1-5-pruned-emaonly.safetensors
+feature_extractor/preprocessor_config.json
+safety_checker/config.json safety_checker/model.safetensors safety_checker/model.fp16.safetensors
+safety_checker/pytorch_model.bin safety_checker/pytorch_model.fp16.bin
+scheduler/scheduler_config.json
+text_encoder/config.json text_encoder/model.safetensors text_encoder/model.fp16.safetensors
+text_encoder/pytorch_model.bin text_encoder/pytorch_model.fp16.bin
+tokenizer/merges.txt tokenizer/special_tokens_map.json tokenizer/tokenizer_config.json tokenizer/vocab.json
+unet/config.json unet/diffusion_pytorch_model.safetensors unet/diffusion_pytorch_model.fp16.safetensors
+unet/diffusion_pytorch_model.non_ema.safetensors unet/diffusion_pytorch_model.bin
+unet/diffusion_pytorch_model.fp16.bin unet/diffusion_pytorch_model.non_ema.bin
+vae/config.json vae/diffusion_pytorch_model.safetensors vae/diffusion_pytorch_model.fp16.safetensors
+vae/diffusion_pytorch_model.bin vae/diffusion_pytorch_model.fp16.bin""".split()
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_hub_download_fetches_only_the_parts_read(variant):
+    from huggingface_hub.utils import filter_repo_objects
+
+    fetched = set(filter_repo_objects(SD15_FILES, allow_patterns=weights.hub_patterns(weights.PIPELINE_PARTS,
+                                                                                       variant)))
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    assert {f for f in fetched if f.endswith(".safetensors")} == {
+        f"unet/diffusion_pytorch_model{suffix}", f"vae/diffusion_pytorch_model{suffix}", f"text_encoder/model{suffix}"}
+    assert {f for f in fetched if not f.endswith(".safetensors")} == {
+        "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json",
+        "vae/config.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json", "tokenizer/vocab.json"}
+    vision = set(filter_repo_objects(["config.json", "model.safetensors", "open_clip_model.safetensors",
+                                      "pytorch_model.bin"], allow_patterns=weights.hub_patterns(None)))
+    assert vision == {"config.json", "model.safetensors"}
 
 
 def test_corrupt_safetensors_is_a_clear_error(tmp_path):

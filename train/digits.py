@@ -4,31 +4,31 @@
     python -m train.digits --out runs/digits --stage vae
 
 Every stage resumes from its latest orbax checkpoint when run again with the same
-``--out``. The stages and their reasons are documented in :mod:`e4t_jax.recipes.digits`.
+``--out`` (which must be new, empty, or such a run folder). The stages and their reasons
+are documented in :mod:`e4t_jax.recipes.digits`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
-from e4t_jax import cli, weights
+from e4t_jax import cli, files, weights
 from e4t_jax.errors import UserError
 from e4t_jax.recipes import digits as digits_recipe
 
 STAGE_NAMES = ("vae", "vision", "base")
+RUN_ENTRIES = frozenset(STAGE_NAMES + ("tokenizer", "model"))  # what a run folder holds
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m train.digits", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="run folder (stages resume from it)")
     p.add_argument("--stage", choices=STAGE_NAMES + ("all",), default="all")
-    p.add_argument("--base-steps", type=int, default=digits_recipe.STAGES["base"].steps,
+    p.add_argument("--base-steps", type=cli.POSITIVE, default=digits_recipe.STAGES["base"].steps,
                    help="U-Net + text encoder training steps")
-    p.add_argument("--base-batch-size", type=int, default=digits_recipe.STAGES["base"].batch_size)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-batch-size", type=cli.POSITIVE, default=digits_recipe.STAGES["base"].batch_size)
+    p.add_argument("--seed", type=cli.SEED, default=0)
     return p.parse_args(argv)
 
 
@@ -37,10 +37,9 @@ def _done(out: Path, stage: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.reexec_with_fast_malloc()
     args = parse_args(argv)
-    if args.base_steps < 1 or args.base_batch_size < 1:
-        raise UserError("--base-steps and --base-batch-size must be positive")
+    files.check_folder(args.out, RUN_ENTRIES, "train.digits")
+    cli.reexec_with_fast_malloc()
     out = args.out
     wanted = STAGE_NAMES if args.stage == "all" else (args.stage,)
     base_stage = dataclasses.replace(digits_recipe.STAGES["base"], steps=args.base_steps,

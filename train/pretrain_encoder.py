@@ -2,8 +2,9 @@
 
 Examples::
 
-    e4t-pretrain --preset tiny --data photos/ --domain-word face --steps 100 --out runs/tiny
-    e4t-pretrain --preset sd15-faces --data ffhq/ --out runs/faces --remat --dtype bfloat16
+    e4t-pretrain --preset tiny --model tiny --data photos/ --domain-word face --steps 100 --out runs/tiny
+    e4t-pretrain --preset sd15-faces --model stable-diffusion-v1-5/stable-diffusion-v1-5 --data ffhq/ \
+        --out runs/faces --remat --dtype bfloat16
     e4t-pretrain ... --out runs/faces --resume          # continue after a crash or preemption
 
 Every ``--save-every`` steps an orbax checkpoint (trainable params, optimizer state,
@@ -11,7 +12,8 @@ step, input-pipeline position, config) lands in ``OUT/checkpoints``; ``--resume`
 continues exactly (with the same options; only ``--steps`` may grow). Metrics go to
 TensorBoard (``OUT/tb``) and ``OUT/metrics.jsonl``, sample grids to ``OUT/samples``,
 and the finished domain encoder, which ``e4t-personalize --encoder`` loads, to
-``OUT/encoder``. Multi-host: set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``OUT/encoder`` (``--encoder OUT`` finds it there). ``OUT`` must be new, empty, or a
+run folder of e4t-pretrain. Multi-host: set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 ``JAX_PROCESS_ID`` (or pass ``--coordinator`` ...) on every host; each host reads only
 its share of the images.
 """
@@ -26,61 +28,66 @@ from e4t_jax import cli
 from e4t_jax.errors import UserError
 
 log = logging.getLogger("e4t.pretrain")
-REQUIRED_WITHOUT_PRESET = ("model", "domain_word", "steps", "batch_size", "lr")
+REQUIRED_WITHOUT_PRESET = ("domain_word", "steps", "batch_size", "lr")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from e4t_jax.recipes.pretrain import PRESETS, RunOptions
 
-    p = argparse.ArgumentParser(prog="e4t-pretrain", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="e4t-pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for the options below")
-    p.add_argument("--model", help="model folder, Hugging Face id, or preset 'tiny' / 'medium'")
+    cli.add_model(p)
     p.add_argument("--clip-vision", help="vision tower weights (default: MODEL/image_encoder)")
     p.add_argument("--data", type=Path, required=True, help="image folder (recursive: jpg, png, webp, bmp)")
     p.add_argument("--domain-word", help="coarse class word, one token (face, cat, painting)")
     p.add_argument("--templates", default=None, help="generic, face, cat, art, or a file of templates with {}")
     p.add_argument("--placeholder", default=None, help="the concept's token (default: S*)")
-    p.add_argument("--steps", type=int, help="total training steps")
-    p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--head-width", type=int, help="encoder head width (its vision, U-Net and hidden dims)")
+    p.add_argument("--steps", type=cli.POSITIVE, help="total training steps")
+    p.add_argument("--batch-size", type=cli.POSITIVE, help="global batch size")
+    p.add_argument("--lr", type=cli.LEARNING_RATE)
+    p.add_argument("--head-width", type=cli.POSITIVE, help="encoder head width (its vision, U-Net and hidden dims)")
     p.add_argument("--vision-backbone", default=None,
                    help="how the vision tower is read: clip ([CLS] per layer), clip-mean, clip-patches (default clip)")
     p.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts from each image's sidecar NAME.txt (with {} for the placeholder), not templates")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default on; off for domains where a mirror image differs)")
-    p.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+    p.add_argument("--crop-scale", type=cli.number(0, 1, above=True), nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="random crop side as a fraction of the shortest side (default 0.8 1.0)")
-    p.add_argument("--tune-steps", type=int, default=None, help="recorded default of e4t-personalize --steps")
-    p.add_argument("--tune-batch-size", type=int, default=None,
+    p.add_argument("--tune-steps", type=cli.POSITIVE, default=None, help="recorded default of e4t-personalize --steps")
+    p.add_argument("--tune-batch-size", type=cli.POSITIVE, default=None,
                    help="recorded default of e4t-personalize --batch-size")
-    p.add_argument("--tune-lr", type=float, default=None, help="recorded default of e4t-personalize --lr")
-    p.add_argument("--offset-rank", type=int, default=None, help="rank of the low-rank weight offsets")
-    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    p.add_argument("--clip-norm", type=float, default=None, help="gradient clipping (global norm)")
-    p.add_argument("--size", type=int, default=None, help="training resolution (default: the model's)")
+    p.add_argument("--tune-lr", type=cli.LEARNING_RATE, default=None, help="recorded default of e4t-personalize --lr")
+    p.add_argument("--offset-rank", type=cli.POSITIVE, default=None, help="rank of the low-rank weight offsets")
+    p.add_argument("--warmup", type=cli.NON_NEGATIVE, default=None, help="linear warm-up steps")
+    p.add_argument("--clip-norm", type=cli.number(0, above=True), default=None,
+                   help="gradient clipping (global norm)")
+    p.add_argument("--size", type=cli.PIXELS, default=None, help="training resolution (default: the model's)")
     p.add_argument("--remat", action="store_true", help="recompute U-Net blocks in the backward pass (less memory)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=RunOptions.dtype, help="compute dtype")
-    p.add_argument("--devices-per-host", type=int, default=None, help="use only this many local devices")
-    p.add_argument("--fsdp", type=int, default=RunOptions.fsdp,
+    p.add_argument("--devices-per-host", type=cli.POSITIVE, default=None, help="use only this many local devices")
+    p.add_argument("--fsdp", type=cli.POSITIVE, default=RunOptions.fsdp,
                    help="devices per fsdp group (shards large frozen params)")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator address host:port")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=RunOptions.log_every)
-    p.add_argument("--save-every", type=int, default=RunOptions.save_every)
-    p.add_argument("--keep", type=int, default=RunOptions.keep, help="checkpoints to keep")
-    p.add_argument("--sample-every", type=int, default=RunOptions.sample_every,
+    p.add_argument("--num-processes", type=cli.POSITIVE, default=None)
+    p.add_argument("--process-id", type=cli.NON_NEGATIVE, default=None)
+    p.add_argument("--log-every", type=cli.POSITIVE, default=RunOptions.log_every)
+    p.add_argument("--save-every", type=cli.POSITIVE, default=RunOptions.save_every)
+    p.add_argument("--keep", type=cli.POSITIVE, default=RunOptions.keep, help="checkpoints to keep")
+    p.add_argument("--sample-every", type=cli.NON_NEGATIVE, default=RunOptions.sample_every,
                    help="write a sample grid every N steps (0: off)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=cli.SEED, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--cache-dir", type=Path, default=None, help="persistent compilation cache folder")
-    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--out", type=Path, required=True, help="run folder (new, or one of e4t-pretrain's)")
     args = p.parse_args(argv)
     missing = [name for name in REQUIRED_WITHOUT_PRESET if args.preset is None and getattr(args, name) is None]
     if missing:
         p.error(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)} (or pass --preset)")
+    if args.crop_scale is not None and args.crop_scale[0] > args.crop_scale[1]:
+        p.error(f"--crop-scale MIN {args.crop_scale[0]} is above MAX {args.crop_scale[1]}")
+    if args.process_id is not None and args.num_processes is not None and args.process_id >= args.num_processes:
+        p.error(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     return args
 
 
@@ -124,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(str(error)) from error
     options = pretrain.RunOptions(out=args.out, resume=args.resume, dtype=args.dtype, remat=args.remat,
                                   devices_per_host=args.devices_per_host, fsdp=args.fsdp, log_every=args.log_every,
-                                  save_every=args.save_every, keep=args.keep, sample_every=args.sample_every)
+                                  save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
+                                  variant=args.variant)
     pretrain.check(config, options)
     cli.reexec_with_fast_malloc()
     from e4t_jax import runtime

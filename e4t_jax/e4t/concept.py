@@ -40,7 +40,7 @@ from e4t_jax.e4t import offsets as offsets_lib
 from e4t_jax.e4t.config import E4TConfig
 from e4t_jax.e4t.encoder import EncoderHead
 from e4t_jax.e4t.model import E4TModel, predict_embedding
-from e4t_jax.e4t.pretrained import model_identity
+from e4t_jax.e4t.pretrained import expected_identity, model_identity
 from e4t_jax.errors import UserError
 from e4t_jax.tokenizer import Tokenizer
 
@@ -169,13 +169,11 @@ class Concept:
 def load_concept(path: str | os.PathLike, sd: pipeline.StableDiffusion, tokenizer: Tokenizer) -> Concept:
     """Reads a concept, checks it against the model, and adds its placeholder to ``tokenizer``."""
     tensors, header = read_concept(path)
-    saved, current = header.get("base_model"), model_identity(sd)
-    if saved != current:
-        saved = saved if isinstance(saved, dict) else {}
+    mismatches = files.identity_mismatches(header.get("base_model"), expected_identity(sd))
+    if mismatches:
         raise ConceptError(
             f"concept {path} was made for another base model ({header.get('model_id')}: "
-            + ", ".join(files.identity_mismatches(saved, current))
-            + f" ({sd.model_id})). Use the model the concept was personalized on.")
+            + ", ".join(mismatches) + f" ({sd.model_id})). Use the model the concept was personalized on.")
     try:
         config = config_lib.from_dict(E4TConfig, header.get("config"), "concept config")
     except ValueError as e:

@@ -50,12 +50,18 @@ image = pipe("a photo of {placeholder}").images[0]
 """
 
 
-def _check_out(out: Path, model_folder: Path, overwrite: bool) -> None:
-    out, model_folder = out.resolve(), model_folder.resolve()
-    if out == model_folder or out in model_folder.parents:
-        raise UserError(f"--out {out} would replace the base model folder {model_folder}; choose another folder")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise UserError(f"--out {out} already exists and is not an empty folder; pass --overwrite to replace it")
+def _check_out(out: Path, inputs: list, force: bool) -> None:
+    """``out`` must be new or empty; with ``force``, a folder this export wrote before may be replaced.
+
+    Inputs are never replaced, nor a folder that this program did not write (replacing
+    a folder deletes what it holds)."""
+    files.check_outputs([out], inputs=inputs, force=True)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir() or not (out / INFO_FILE).is_file():
+        raise UserError(f"--out {out} exists and is not a folder that e4t-export wrote; choose another --out")
+    if not force:
+        raise UserError(f"--out {out} already holds an export; pass --force to replace it, or choose another --out")
 
 
 def _pipeline_components(model_folder: Path) -> list[str]:
@@ -75,16 +81,18 @@ def _readme(concept: concept_lib.Concept, model_id: str, full_pipeline: bool) ->
 
 
 def export_concept(concept_file: str | Path, model: str | Path, out: str | Path, *, full_pipeline: bool = False,
-                   dtype: str = "float32", overwrite: bool = False) -> Path:
+                   dtype: str = "float32", force: bool = False, variant: str | None = None) -> Path:
     """Writes a concept as diffusers files into ``out`` (layout in the module docstring).
 
     Args:
       concept_file: a concept written by :func:`e4t_jax.e4t.concept.save_concept`.
       model: the base model (folder, Hub id or preset name) it was personalized on.
-      out: the output folder; it must not exist or be empty unless ``overwrite``.
+      out: the output folder; it must not exist or be empty, or (with ``force``) hold
+        an earlier export.
       full_pipeline: also copy the base model's other components.
       dtype: ``"float32"`` or ``"float16"``, the merged U-Net's stored dtype.
-      overwrite: replace a non-empty ``out``.
+      force: replace an earlier export in ``out``.
+      variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
 
     Returns:
       ``out``.
@@ -98,13 +106,13 @@ def export_concept(concept_file: str | Path, model: str | Path, out: str | Path,
     from safetensors.numpy import save_file
 
     out = Path(out)
-    model_folder = pipeline.resolve(model)
-    _check_out(out, model_folder, overwrite)
+    _check_out(out, [concept_file, model], force)
+    model_folder = pipeline.resolve(model, variant)
     if full_pipeline and not (model_folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_folder} has no model_index.json: --full-pipeline needs a diffusers "
                                 "StableDiffusionPipeline folder")
     concept_lib.read_concept(concept_file)  # a foreign file fails here, before the model is loaded
-    sd, params, tokenizer = pipeline.load_model(model)
+    sd, params, tokenizer = pipeline.load_model(model, variant=variant)
     concept = concept_lib.load_concept(concept_file, sd, tokenizer)
     unet_params = params["unet"]
     if concept.offsets is not None:

@@ -251,10 +251,13 @@ def image_features(model: E4TModel, frozen: FrozenParams, pixels: jax.Array) -> 
 
 
 def vision_folder(sd: pipeline.StableDiffusion, source: str | os.PathLike | None) -> Path:
-    """The vision tower's folder: ``source`` if given, else ``<model>/image_encoder``."""
+    """The vision tower's folder: ``source`` if given (a folder or a Hub id), else
+    ``<model>/image_encoder`` (fetched now for a Hub model: only this part)."""
     if source is not None:
-        return weights.resolve_model(source)
+        return weights.resolve_model(source, parts=None)
     folder = sd.folder / "image_encoder"
+    if not folder.is_dir() and weights.is_hub_id(sd.model_id):
+        folder = weights.resolve_model(sd.model_id, parts=("image_encoder",)) / "image_encoder"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{sd.folder} has no image_encoder/ folder; pass --clip-vision with a CLIP vision model "
@@ -270,14 +273,15 @@ def head_inputs(model: E4TModel) -> tuple[jax.Array, list[jax.Array] | None]:
     return features, [jnp.zeros((1, c)) for c in channels] if encoder.use_unet_branch else None
 
 
-def load_parts(config: E4TConfig, *, dtype: Any = jnp.float32,
-               remat: bool = False) -> tuple[E4TModel, FrozenParams, Tokenizer]:
+def load_parts(config: E4TConfig, *, dtype: Any = jnp.float32, remat: bool = False,
+               variant: str | None = None) -> tuple[E4TModel, FrozenParams, Tokenizer]:
     """Loads the base model and the vision backbone; adds the placeholder to the tokenizer.
 
     Args:
       config: what to build; ``config.encoder.text_dim`` is set from the base model.
       dtype: compute dtype of the frozen modules (params stay float32).
       remat: rematerialize U-Net blocks in the backward pass.
+      variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
 
     Returns:
       ``(model, frozen, tokenizer)``.
@@ -285,7 +289,7 @@ def load_parts(config: E4TConfig, *, dtype: Any = jnp.float32,
     Raises:
       UserError: the placeholder is already a token, or the domain word is not one token.
     """
-    sd, base, tokenizer = pipeline.load_model(config.model.base, dtype=dtype, remat=remat)
+    sd, base, tokenizer = pipeline.load_model(config.model.base, dtype=dtype, remat=remat, variant=variant)
     backbone, vision_params = vision_lib.load(config.encoder.vision, vision_folder(sd, config.model.vision_source),
                                               dtype)
     try:
@@ -314,7 +318,8 @@ def init_params(model: E4TModel, frozen: FrozenParams, seed: int = 0) -> E4TPara
     return E4TParams(head=head, offsets=offsets_lib.init_offsets(key_offsets, frozen.unet, model.config.offsets))
 
 
-def build(config: E4TConfig = E4TConfig(), *, dtype: Any = jnp.float32, remat: bool = False, seed: int = 0) -> E4T:
+def build(config: E4TConfig = E4TConfig(), *, dtype: Any = jnp.float32, remat: bool = False, seed: int = 0,
+          variant: str | None = None) -> E4T:
     """Loads the base model and vision backbone and initializes the E4T parts.
 
     Args:
@@ -322,7 +327,8 @@ def build(config: E4TConfig = E4TConfig(), *, dtype: Any = jnp.float32, remat: b
       dtype: compute dtype of the frozen modules (params stay float32).
       remat: rematerialize U-Net blocks in the backward pass.
       seed: initializes the head and the low-rank offsets' ``down`` factors.
+      variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
     """
-    model, frozen, tokenizer = load_parts(config, dtype=dtype, remat=remat)
+    model, frozen, tokenizer = load_parts(config, dtype=dtype, remat=remat, variant=variant)
     return E4T(model, frozen, init_params(model, frozen, seed), tokenizer)
 

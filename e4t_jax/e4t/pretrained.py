@@ -30,8 +30,39 @@ from e4t_jax.errors import UserError
 
 
 def model_identity(sd) -> dict[str, Any]:
-    """The base-model identity (:func:`e4t_jax.files.base_model_identity`) of a loaded model."""
-    return files.base_model_identity(weights.read_config(sd.folder / "unet"), sd.text_dim)
+    """The base-model identity (:func:`e4t_jax.files.base_model_identity`) of a loaded model:
+    what encoders and concepts made for it record."""
+    return files.base_model_identity(sd.unet.config.architecture(), sd.text_dim)
+
+
+def expected_identity(sd) -> dict[str, Any]:
+    """What a saved identity is checked against (:func:`e4t_jax.files.identity_mismatches`):
+    :func:`model_identity`, plus the legacy config fingerprint that earlier files hold
+    instead of the architecture (:func:`e4t_jax.files.legacy_fingerprint`)."""
+    fingerprint = files.legacy_fingerprint(weights.read_config(sd.folder / "unet"))
+    return {**model_identity(sd), "unet_config_sha256": fingerprint}
+
+
+def encoder_folder(path: str | os.PathLike) -> Path:
+    """The domain encoder that ``--encoder PATH`` names: an encoder folder, or a pre-training
+    run folder (its exported ``encoder/``).
+
+    Raises:
+      UserError: anything else, saying what to pass.
+    """
+    path = Path(path)
+    if (path / "config").is_dir():
+        return path
+    if (path / "encoder" / "config").is_dir():
+        return path / "encoder"
+    what = "pass the folder that e4t-pretrain exported (RUN/encoder), or its run folder RUN"
+    if not path.exists():
+        raise UserError(f"encoder {path} does not exist; {what}")
+    if (path / "checkpoints").is_dir():
+        raise UserError(f"{path} is a pre-training run without an exported encoder yet (no {path / 'encoder'}): "
+                        "let e4t-pretrain finish (--resume continues it)")
+    kind = "a file" if path.is_file() else "a folder but not a domain encoder"
+    raise UserError(f"--encoder {path} is {kind}; {what}")
 
 
 def encoder_config(e: E4T, **extra: Any) -> dict[str, Any]:
@@ -79,24 +110,27 @@ def read_config(encoder_dir: str | os.PathLike) -> tuple[E4TConfig, dict[str, An
 
 def load_pretrained(model_id: str | os.PathLike, encoder_dir: str | os.PathLike, *,
                     vision_source: str | None = None, placeholder: str | None = None,
-                    dtype: Any = jnp.float32, remat: bool = False) -> E4T:
+                    dtype: Any = jnp.float32, remat: bool = False, variant: str | None = None) -> E4T:
     """E4T for ``model_id`` with the pre-trained domain encoder of ``encoder_dir``.
 
     Args:
+      encoder_dir: an encoder folder, or an e4t-pretrain run folder (:func:`encoder_folder`).
       vision_source, placeholder: replace the encoder's (``ModelConfig`` fields).
-      dtype, remat: as :func:`e4t_jax.e4t.model.build`.
+      dtype, remat, variant: as :func:`e4t_jax.e4t.model.build`.
 
     Raises:
-      FileNotFoundError: ``encoder_dir`` is not an exported encoder.
-      UserError: its config is unreadable, or it was pre-trained for another base model.
+      UserError: ``encoder_dir`` is not an encoder, its config is unreadable, or it was
+        pre-trained for another base model.
     """
+    encoder_dir = encoder_folder(encoder_dir)
     config, raw = read_config(encoder_dir)
     model = dataclasses.replace(config.model, base=str(model_id),
                                 vision_source=vision_source or config.model.vision_source,
                                 placeholder=placeholder or config.model.placeholder)
-    model, frozen, tokenizer = load_parts(dataclasses.replace(config, model=model), dtype=dtype, remat=remat)
+    model, frozen, tokenizer = load_parts(dataclasses.replace(config, model=model), dtype=dtype, remat=remat,
+                                          variant=variant)
     try:
-        head, offsets, _ = files.load_encoder(encoder_dir, expected=model_identity(model.sd))
+        head, offsets, _ = files.load_encoder(encoder_dir, expected=expected_identity(model.sd))
     except ValueError as error:
         raise UserError(str(error)) from error
     old, new = _V1_HEAD_PREFIX

@@ -368,9 +368,10 @@ def _prefix(state: dict, prefix: str) -> str:
     return prefix if any(key.startswith(prefix) for key in state) else ""
 
 
-def load_clip_text(folder: str | os.PathLike, dtype: Any = jnp.float32,
-                   param_dtype: Any = jnp.float32) -> tuple[CLIPTextTransformer, dict]:
-    """Loads a ``CLIPTextModel[WithProjection]`` or full ``CLIPModel`` folder's text tower.
+def load_clip_text(folder: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, *,
+                   variant: str | None = None) -> tuple[CLIPTextTransformer, dict]:
+    """Loads a ``CLIPTextModel[WithProjection]`` or full ``CLIPModel`` folder's text tower
+    (``variant``: :func:`e4t_jax.weights.weight_files`).
 
     Keys with or without the ``text_model.`` prefix are accepted (transformers 5 writes
     ``CLIPTextModel`` without it); projections and ``position_ids`` are ignored.
@@ -382,7 +383,7 @@ def load_clip_text(folder: str | os.PathLike, dtype: Any = jnp.float32,
     module = CLIPTextTransformer(config, dtype=dtype)
     ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
     abstract = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
-    state = weights.load_state_dict(folder)
+    state = weights.load_state_dict(folder, variant=variant)
     params = weights.state_dict_to_params(
         state, abstract, dtype=param_dtype, prefix=_prefix(state, "text_model."),
         ignore=_IGNORED + (r"^vision_model\.",), what="CLIP text encoder")

@@ -48,6 +48,12 @@ _FIXED_OPTIONS = {
 }
 
 
+# The UNetConfig fields that fix the U-Net's parameter shapes (the rest changes numerics only).
+SHAPE_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                "layers_per_block", "transformer_layers_per_block", "only_cross_attention", "cross_attention_dim",
+                "use_linear_projection")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """U-Net architecture; defaults are Stable Diffusion 1.5. Per-block tuples follow
@@ -77,6 +83,11 @@ class UNetConfig:
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
     center_input_sample: bool = False
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the parameter shapes (:data:`SHAPE_FIELDS`): what weights,
+        weight offsets and encoders trained on this U-Net depend on."""
+        return {field: getattr(self, field) for field in SHAPE_FIELDS}
 
     def __post_init__(self):
         blocks = len(self.down_block_types)
@@ -378,14 +389,15 @@ def unet_abstract_params(config: UNetConfig) -> dict:
 
 
 def load_unet(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, remat: bool = False, *,
-              param_dtype: jnp.dtype = jnp.float32) -> tuple[UNet2DConditionModel, dict]:
-    """Loads a diffusers ``unet/`` folder (``config.json`` + safetensors).
+              param_dtype: jnp.dtype = jnp.float32, variant: str | None = None) -> tuple[UNet2DConditionModel, dict]:
+    """Loads a diffusers ``unet/`` folder (``config.json`` + safetensors; ``variant``:
+    :func:`e4t_jax.weights.weight_files`).
 
     Returns:
       ``(module, params)``: the module computes in ``dtype``; params are numpy arrays
       in ``param_dtype`` in a nested dict.
     """
     config = UNetConfig.from_diffusers(weights.read_config(folder))
-    state = weights.load_state_dict(folder)
+    state = weights.load_state_dict(folder, variant=variant)
     params = weights.state_dict_to_params(state, unet_abstract_params(config), dtype=param_dtype, what="U-Net")
     return UNet2DConditionModel(config, dtype=dtype, remat=remat), params

@@ -291,8 +291,9 @@ def abstract_params(module: AutoencoderKL):
 
 
 def load_vae(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, *,
-             param_dtype: jnp.dtype = jnp.float32) -> tuple[AutoencoderKL, Any]:
-    """Loads a diffusers ``vae/`` folder (``config.json`` + safetensors).
+             param_dtype: jnp.dtype = jnp.float32, variant: str | None = None) -> tuple[AutoencoderKL, Any]:
+    """Loads a diffusers ``vae/`` folder (``config.json`` + safetensors; ``variant``:
+    :func:`e4t_jax.weights.weight_files`).
 
     Old checkpoints with ``query``/``key``/``value``/``proj_attn`` attention names
     load too. Returns ``(module, params)``; params are numpy arrays in ``param_dtype``,
@@ -300,6 +301,6 @@ def load_vae(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, *,
     """
     config = VAEConfig.from_diffusers(weights.read_config(folder))
     module = AutoencoderKL(config, dtype=dtype)
-    params = weights.state_dict_to_params(weights.load_state_dict(folder), abstract_params(module),
+    params = weights.state_dict_to_params(weights.load_state_dict(folder, variant=variant), abstract_params(module),
                                           dtype=param_dtype, what="VAE")
     return module, params

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e4t_jax import pipeline
+from e4t_jax import files, pipeline
 from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t import model as model_lib
-from e4t_jax.e4t.pretrained import load_pretrained
+from e4t_jax.e4t.pretrained import default_encoder, encoder_folder, load_pretrained
 from e4t_jax.errors import UserError
 from e4t_jax.training import data, steps
 from e4t_jax.training.config import OptimizerConfig, TrainConfig
@@ -168,39 +168,54 @@ def preview(e: model_lib.E4T, result: Personalized, image: np.ndarray, prompts: 
     return pipeline.image_grid(pipeline.to_uint8(np.concatenate([photo, images])))
 
 
-def personalize_file(model: str, encoder: str | os.PathLike, image_path: str | os.PathLike,
+def preview_path(concept_file: str | os.PathLike) -> Path:
+    """Where the preview grid of a concept file goes: ``me.safetensors`` -> ``me.preview.png``."""
+    return Path(concept_file).with_suffix(".preview.png")
+
+
+def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: str | os.PathLike,
                      out: str | os.PathLike, *, steps_count: int | None = None, batch_size: int | None = None,
                      lr: float | None = None, seed: int = 0,
                      tune_encoder: bool = True, save_encoder: bool = False, mask_path: str | os.PathLike | None = None,
                      placeholder: str | None = None, vision_source: str | None = None,
                      preview_prompts: Sequence[str] | None = None, preview_steps: int | None = None,
-                     dtype: str = "float32") -> dict[str, float]:
-    """Image file -> concept file (+ ``out`` with ``.png``: a preview grid), logging progress.
+                     dtype: str = "float32", variant: str | None = None, force: bool = False) -> dict[str, float]:
+    """Image file -> concept file (+ a preview grid, :func:`preview_path`), logging progress.
 
     Args:
-      model: the base model; ``encoder``: its pre-trained domain encoder folder.
+      model: the base model; ``encoder``: its pre-trained domain encoder (folder, or the
+        run folder of ``e4t-pretrain``; None: the one shipped with a trained preset).
       image_path, mask_path: the concept image and an optional loss mask.
       out: the concept file to write (``.safetensors``).
       preview_prompts: templates with ``{}`` for the placeholder (None: :data:`DEFAULT_PREVIEW`;
         empty: no preview); ``preview_steps``: their denoising steps (None: :func:`preview`'s).
+      force: replace an existing concept file and preview (never an input).
       Others: as :func:`personalize` and :func:`e4t_jax.e4t.pretrained.load_pretrained`.
 
     Returns:
       Seconds per phase: ``load``, ``compile``, ``tune``, ``preview`` (if any), ``total``.
 
     Raises:
-      UserError, FileNotFoundError: bad inputs (one line says what is wrong).
+      UserError, FileNotFoundError: bad inputs or outputs, before any model is loaded
+        (one line says what is wrong).
     """
     out = Path(out)
+    templates = DEFAULT_PREVIEW if preview_prompts is None else preview_prompts
+    outputs = [out] + ([preview_path(out)] if templates else [])
+    files.check_outputs(outputs, inputs=[image_path, mask_path, encoder, model], force=force)
+    encoder = encoder_folder(encoder) if encoder is not None else default_encoder(model)
+    if encoder is None:
+        raise UserError(f"--model {model} has no shipped encoder: pass --encoder (a run folder of e4t-pretrain)")
     try:
         image = data.read_image(image_path)
         mask = data.read_image(mask_path) if mask_path is not None else None
     except ValueError as error:
         raise UserError(str(error)) from error
     timings, start = {}, time.perf_counter()
-    e = load_pretrained(model, encoder, vision_source=vision_source, placeholder=placeholder, dtype=jnp.dtype(dtype))
+    e = load_pretrained(model, encoder, vision_source=vision_source, placeholder=placeholder, dtype=jnp.dtype(dtype),
+                        variant=variant)
     token = e.config.model.placeholder
-    previews = [p.format(token) for p in (DEFAULT_PREVIEW if preview_prompts is None else preview_prompts)]
+    previews = [p.format(token) for p in templates]
     try:
         e.tokenizer.require_placeholder(previews, token)
     except ValueError as error:
@@ -220,10 +235,11 @@ def personalize_file(model: str, encoder: str | os.PathLike, image_path: str | o
 
         start = time.perf_counter()
         steps_count = {} if preview_steps is None else {"steps_count": preview_steps}
-        Image.fromarray(preview(e, result, image, previews, seed=train.seed, **steps_count)).save(
-            out.with_suffix(".png"))
+        grid = preview(e, result, image, previews, seed=train.seed, **steps_count)
+        with files.atomic_path(preview_path(out)) as tmp:
+            Image.fromarray(grid).save(tmp, format="PNG")
         timings["preview"] = time.perf_counter() - start
-        log.info("preview grid (input image first): %s", out.with_suffix(".png"))
+        log.info("preview grid (input image first): %s", preview_path(out))
     timings["total"] = sum(timings.values())
     log.info("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return timings

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e4t_jax import config as config_lib, pipeline
+from e4t_jax import config as config_lib, files, pipeline
 from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.config import E4TConfig, ModelConfig, PersonalizeConfig
@@ -33,6 +33,7 @@ from e4t_jax.training import checkpoint, data, loop, parallel, steps
 from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
 log = logging.getLogger("e4t.pretrain")
+RUN_ENTRIES = frozenset({"checkpoints", "tb", "metrics.jsonl", "samples", "encoder"})  # what a run folder holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,8 @@ def _preset(base: str, vision_source: str | None, width: int, steps_count: int, 
 
 PRESETS = {
     # The paper's face setting (512x512, global batch 16, lr 1.6e-5, ~30k steps).
-    "sd15-faces": _preset("runwayml/stable-diffusion-v1-5", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", 1024, 30000,
-                          16, 1.6e-5),
+    "sd15-faces": _preset("stable-diffusion-v1-5/stable-diffusion-v1-5", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                          1024, 30000, 16, 1.6e-5),
     "tiny": _preset("tiny", None, 64, 200, 4, 1e-3),
     # The digits mini-domain (e4t_jax.digits, e4t_jax.recipes.digits): attribute captions,
     # no flips or crops (a mirrored or cropped digit is another digit), the tower's patch
@@ -84,6 +85,7 @@ class RunOptions:
       fsdp: devices per fsdp group (shards large frozen params).
       log_every, save_every, keep: metrics cadence, checkpoint cadence, checkpoints kept.
       sample_every: write a sample grid every N steps (0: never).
+      variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
     """
 
     out: Path
@@ -96,6 +98,7 @@ class RunOptions:
     save_every: int = 500
     keep: int = 3
     sample_every: int = 0
+    variant: str | None = None
 
 
 def templates(config: PretrainConfig) -> list[str]:
@@ -109,14 +112,17 @@ def check(config: PretrainConfig, options: RunOptions) -> None:
     """Fails fast, before any model is loaded, on inputs that cannot work.
 
     Raises:
-      UserError: bad cadences or templates, checkpoints in ``out`` without ``resume``, or
-        a resume with another config (only ``train.steps`` may change).
+      UserError: bad cadences or templates, an ``out`` that holds what a run does not
+        write or overlaps an input, checkpoints in ``out`` without ``resume``, or a resume
+        with another config (only ``train.steps`` may change).
       FileNotFoundError: a missing or empty image folder.
     """
     if options.save_every < 1 or options.log_every < 1:
         raise UserError("--save-every and --log-every must be at least 1")
     if not config.data.root:
         raise UserError("no image folder: pass --data")
+    files.check_folder(options.out, RUN_ENTRIES, "e4t-pretrain",
+                       inputs=[config.data.root, config.e4t.model.base, config.e4t.model.vision_source])
     data.list_images(config.data.root)  # a clear error for a missing or empty folder
     try:
         templates(config)
@@ -185,7 +191,8 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     """
     check(config, options)
     start = time.perf_counter()
-    e = model_lib.build(config.e4t, dtype=jnp.dtype(options.dtype), remat=options.remat, seed=config.train.seed)
+    e = model_lib.build(config.e4t, dtype=jnp.dtype(options.dtype), remat=options.remat, seed=config.train.seed,
+                        variant=options.variant)
     size = config.data.size or e.sd.image_size
     log.info("%s (loaded in %.1fs)", e.describe(), time.perf_counter() - start)
 

@@ -100,9 +100,10 @@ def run(driver: Callable, state: PyTree, frozen: PyTree, batches: Iterator[dict[
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not all(math.isfinite(v) for v in values.values()):
                 manager.wait_until_finished()
-                raise FloatingPointError(
-                    f"loss became {values['loss']} at step {done}; stopped. The last good checkpoint "
-                    f"({manager.latest_step()}) is kept in {manager.directory}")
+                saved = manager.latest_step()
+                kept = (f"The last good checkpoint (step {saved}) is kept in {manager.directory}" if saved is not None
+                        else "No checkpoint was saved yet")
+                raise FloatingPointError(f"loss became {values['loss']} at step {done}; stopped. {kept}")
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             values["images_per_s"] = global_batch_size * (log_every if done > first_step + 1 else 1) / elapsed
             values["batch"] = fingerprint(batch)
