@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +61,18 @@ def test_installs_from_the_repository_and_opens_from_it_on_colab(name):
     assert len(parameters) == 1 and f'E4T_JAX_SOURCE = "git+{url}"' in _source(parameters[0])
     assert COLAB.format(owner_repo, name) in (ROOT / "README.md").read_text()
     assert _install_cell(cells) == _install_cell(_cells(NOTEBOOKS[0]))  # one install cell for all
+
+
+def test_install_cell_stops_in_one_line_while_the_repository_is_a_placeholder(tmp_path):
+    """Where e4t-jax is not importable and the source is still the placeholder, the install
+    cell says so and stops (a bare interpreter: ``-I -S``, no site-packages)."""
+    program = 'E4T_JAX_SOURCE = "git+https://github.com/OWNER/e4t-jax"\n' + _install_cell(_cells(NOTEBOOKS[0]))
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", program], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "E4T_JAX_SOURCE is a placeholder: set it to e4t-jax's repository (git+https://...) or a local clone, "
+        "then run this cell again"]
 
 
 def _require(*modules: str) -> None:
