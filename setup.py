@@ -4,6 +4,10 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# The source repository, defined here once: the notebooks install e4t-jax from it and the
+# README's and notebooks' Colab badges open from it (tests/test_notebooks.py checks that they
+# agree). OWNER is a placeholder until the repository is published.
+URL = "https://github.com/OWNER/e4t-jax"
 VERSION = re.search(r'__version__ = "([^"]+)"', Path("e4t_jax/__init__.py").read_text()).group(1)
 
 INSTALL_REQUIRES = [
@@ -32,13 +36,15 @@ setup(
     description="Encoder-based domain tuning (E4T) for fast personalization of Stable Diffusion, in JAX/Flax",
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
+    url=URL,
     python_requires=">=3.10",
     packages=find_packages(include=["e4t_jax", "e4t_jax.*", "train", "infer"]),
     install_requires=INSTALL_REQUIRES,
     package_data={"e4t_jax": ["assets/*/*.json", "assets/*/*.safetensors", "assets/*/*.png", "assets/*/model/*.json",
                               "assets/*/model/*/*"]},
     extras_require={
-        "test": REFERENCE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6"],
+        "test": REFERENCE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6",
+                          "matplotlib>=3.7"],
         "bench": REFERENCE,
     },
     entry_points={

@@ -7,7 +7,8 @@ the end the domain-encoder export that ``e4t-personalize --encoder`` loads.
 
 A run folder holds ``checkpoints/`` (params, optimizer state, step, input-pipeline
 position, and the :class:`PretrainConfig`), ``tb/`` and ``metrics.jsonl``,
-``samples/`` and finally ``encoder/``. Resuming checks that the saved config equals
+``samples/`` and finally ``encoder/``; the checkpoints may go elsewhere instead, such as a
+``gs://`` bucket (:attr:`RunOptions.checkpoints`). Resuming checks that the saved config equals
 this run's, except the number of steps.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from e4t_jax import config as config_lib, files, pipeline
 from e4t_jax.e4t import concept as concept_lib
@@ -78,7 +80,9 @@ class RunOptions:
 
     Attributes:
       out: the run folder.
-      resume: continue from the latest checkpoint in ``out``.
+      checkpoints: where the orbax checkpoints go: a folder or a ``gs://`` URL (which
+        outlives a preempted TPU VM); None: ``out/checkpoints``.
+      resume: continue from the latest checkpoint in ``checkpoints``.
       dtype: compute dtype of the frozen modules.
       remat: recompute U-Net blocks in the backward pass (less memory).
       devices_per_host: use only the first N devices of every host.
@@ -89,6 +93,7 @@ class RunOptions:
     """
 
     out: Path
+    checkpoints: str | None = None
     resume: bool = False
     dtype: str = "float32"
     remat: bool = False
@@ -99,6 +104,10 @@ class RunOptions:
     keep: int = 3
     sample_every: int = 0
     variant: str | None = None
+
+    def checkpoint_dir(self) -> str:
+        """The checkpoint folder or URL, absolute."""
+        return files.absolute(self.checkpoints or Path(self.out) / "checkpoints")
 
 
 def templates(config: PretrainConfig) -> list[str]:
@@ -128,12 +137,12 @@ def check(config: PretrainConfig, options: RunOptions) -> None:
         templates(config)
     except ValueError as error:
         raise UserError(str(error)) from error
-    checkpoints = options.out / "checkpoints"
+    checkpoints = epath.Path(options.checkpoint_dir())
     if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return
     if not options.resume:
-        raise UserError(f"{options.out} already holds checkpoints; pass --resume to continue, or another --out")
-    manager = checkpoint.open_manager(checkpoints)
+        raise UserError(f"{checkpoints} already holds checkpoints; pass --resume to continue, or another --out")
+    manager = checkpoint.open_manager(options.checkpoint_dir())
     saved = checkpoint.read_config(manager)
     manager.close()
     changed = [path for path in config_lib.differences(saved, config_lib.to_dict(config)) if path != "train.steps"]
@@ -215,7 +224,7 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
                                 crop_scale=config.data.crop_scale, flip=config.data.flip,
                                 captions=config.data.captions,
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
-    manager = checkpoint.open_manager(options.out / "checkpoints", max_to_keep=options.keep,
+    manager = checkpoint.open_manager(options.checkpoint_dir(), max_to_keep=options.keep,
                                       save_every=options.save_every)
     if options.resume and manager.latest_step() is not None:  # its config was checked by check()
         state, data_state, _ = checkpoint.restore(manager, abstract_state=state)
