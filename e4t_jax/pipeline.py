@@ -84,7 +84,8 @@ def resolve(path_or_id: str | os.PathLike, variant: str | None = None) -> Path:
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: bool = False, *,
-               param_dtype: Any = jnp.float32, variant: str | None = None) -> tuple[StableDiffusion, PyTree, Tokenizer]:
+               param_dtype: Any = jnp.float32, variant: str | None = None,
+               place: bool = True) -> tuple[StableDiffusion, PyTree, Tokenizer]:
     """Loads U-Net, VAE, text encoder, tokenizer and scheduler config of a model folder.
 
     Args:
@@ -93,6 +94,8 @@ def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: b
       param_dtype: dtype of the loaded weights (float32, bfloat16 or float16).
       variant: read the weight files of this variant (``fp16``: ``*.fp16.safetensors``,
         diffusers' naming) instead of the plain ones (:func:`e4t_jax.weights.weight_files`).
+      place: put the params on the default device; False keeps them in host memory
+        (numpy), for a caller that shards them over a mesh.
 
     Returns:
       ``(model, params, tokenizer)`` with params ``{"unet", "vae", "text"}`` (device
@@ -108,7 +111,8 @@ def load_model(path_or_id: str | os.PathLike, dtype: Any = jnp.float32, remat: b
     scheduler = schedulers.SchedulerConfig.from_diffusers(weights.read_config(folder / "scheduler",
                                                                               "scheduler_config.json"))
     model = StableDiffusion(unet, vae, text, scheduler, folder, str(path_or_id))
-    params = jax.device_put({"unet": unet_params, "vae": vae_params, "text": text_params})
+    params = {"unet": unet_params, "vae": vae_params, "text": text_params}
+    params = jax.device_put(params) if place else jax.tree.map(np.asarray, params)
     return model, params, Tokenizer.from_folder(folder)
 
 
@@ -269,9 +273,12 @@ class Generator:
         args = (params, cond_ids, uncond_ids, latents, jnp.float32(guidance), hooks)
         return self._executable((SAMPLER_ALIASES[sampler], num_steps), args), args
 
-    def compile(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, **kwargs) -> None:
-        """Compiles (without running) the program that ``__call__`` with these arguments runs."""
-        self._prepare(params, cond_ids, uncond_ids, **kwargs)
+    def compile(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, **kwargs) -> jax.stages.Compiled:
+        """Compiles (without running) the program that ``__call__`` with these arguments runs.
+
+        Returns it, e.g. for its ``memory_analysis()``.
+        """
+        return self._prepare(params, cond_ids, uncond_ids, **kwargs)[0]
 
     def __call__(self, params: PyTree, cond_ids: np.ndarray, uncond_ids: np.ndarray, **kwargs) -> np.ndarray:
         """Samples images; arguments as :meth:`_prepare`.

@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoder", type=Path, default=None,
                    help="domain encoder (or e4t-pretrain run folder) whose head --reencode uses when the concept "
                         "holds none")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the frozen model, and the dtype its weights are stored in (bfloat16 halves them)")
     p.add_argument("--cache-dir", type=Path, default=None, help="persistent compilation cache folder")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     p.add_argument("--force", action="store_true", help="replace images that --out already holds")

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="denoising steps of the preview (default 25)")
     p.add_argument("--no-preview", action="store_true", help="skip the preview grid")
     p.add_argument("--seed", type=cli.SEED, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the frozen model, and the dtype its weights are stored in (bfloat16 halves them)")
     p.add_argument("--cache-dir", type=Path, default=None, help="persistent compilation cache folder")
     p.add_argument("--out", type=Path, required=True,
                    help="concept file to write (.safetensors); the preview goes beside it (NAME.preview.png)")

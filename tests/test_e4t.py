@@ -6,7 +6,8 @@
   bit-identical after training and has no optimizer state;
 * training steps lower the loss on real photos (a tuning batch and a pre-training batch);
 * U-Net remat changes neither loss nor gradients and lowers the compiled memory;
-* a bfloat16-compute step keeps float32 trainables and a loss close to float32's.
+* a bfloat16 step stores the frozen weights in half the bytes, keeps float32 trainables
+  and a loss close to float32's.
 
 Compilation dominates the run time, so ONE E4T is built and every program is compiled
 once (module fixtures) with :data:`COMPILER_OPTIONS`.
@@ -287,10 +288,18 @@ def test_remat_gives_the_same_loss_and_gradients_in_less_memory(tiny_model_dir, 
     assert remat_bytes < 0.9 * plain_bytes, (remat_bytes, plain_bytes)
 
 
+def _frozen_bytes(frozen) -> dict[str, int]:
+    return {name: sum(leaf.nbytes for leaf in jax.tree.leaves(getattr(frozen, name)))
+            for name in ("unet", "vae", "text", "vision")}
+
+
 def test_bfloat16_compute_step_keeps_float32_params_and_a_close_loss(tiny_model_dir, e4t, batches, tuned):
     _, history, _ = tuned
     bf16 = build(config(tiny_model_dir), dtype=jnp.bfloat16)
     assert bf16.sd.unet.dtype == jnp.bfloat16
+    # The frozen weights are stored in bfloat16: half the bytes of every frozen module.
+    assert _frozen_bytes(bf16.frozen) == {k: v // 2 for k, v in _frozen_bytes(e4t.frozen).items()}
+    assert {leaf.dtype for leaf in jax.tree.leaves(bf16.frozen.base)} == {jnp.dtype(jnp.bfloat16)}
     # Same initial params, key and batch as the float32 run's first step.
     state, (metrics,) = train(dataclasses.replace(bf16, params=e4t.params), jax.device_put(bf16.frozen),
                               batches["tune"], steps_count=1)

@@ -64,10 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="gradient clipping (global norm)")
     p.add_argument("--size", type=cli.PIXELS, default=None, help="training resolution (default: the model's)")
     p.add_argument("--remat", action="store_true", help="recompute U-Net blocks in the backward pass (less memory)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=RunOptions.dtype, help="compute dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=RunOptions.dtype,
+                   help="compute dtype of the frozen model, and the dtype its weights are stored in (bfloat16 halves them)")
     p.add_argument("--devices-per-host", type=cli.POSITIVE, default=None, help="use only this many local devices")
     p.add_argument("--fsdp", type=cli.POSITIVE, default=RunOptions.fsdp,
-                   help="devices per fsdp group (shards large frozen params)")
+                   help="devices per fsdp group: frozen weights and train state are split over it")
+    p.add_argument("--fsdp-min-size", type=cli.POSITIVE, default=RunOptions.fsdp_min_size,
+                   help="leaves with fewer elements are not split")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=cli.POSITIVE, default=None)
     p.add_argument("--process-id", type=cli.NON_NEGATIVE, default=None)
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # e.g. steps or batch size below 1
         raise UserError(str(error)) from error
     options = pretrain.RunOptions(out=args.out, resume=args.resume, dtype=args.dtype, remat=args.remat,
-                                  devices_per_host=args.devices_per_host, fsdp=args.fsdp, log_every=args.log_every,
+                                  devices_per_host=args.devices_per_host, fsdp=args.fsdp,
+                                  fsdp_min_size=args.fsdp_min_size, log_every=args.log_every,
                                   save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
                                   variant=args.variant)
     pretrain.check(config, options)

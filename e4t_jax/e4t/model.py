@@ -23,6 +23,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from e4t_jax import conditioning, pipeline, schedulers, weights
 from e4t_jax.e4t import losses
@@ -274,14 +275,17 @@ def head_inputs(model: E4TModel) -> tuple[jax.Array, list[jax.Array] | None]:
 
 
 def load_parts(config: E4TConfig, *, dtype: Any = jnp.float32, remat: bool = False,
-               variant: str | None = None) -> tuple[E4TModel, FrozenParams, Tokenizer]:
+               variant: str | None = None, on_host: bool = False) -> tuple[E4TModel, FrozenParams, Tokenizer]:
     """Loads the base model and the vision backbone; adds the placeholder to the tokenizer.
 
     Args:
       config: what to build; ``config.encoder.text_dim`` is set from the base model.
-      dtype: compute dtype of the frozen modules (params stay float32).
+      dtype: compute dtype of the frozen modules, and the dtype their weights are stored
+        in (bfloat16 halves their memory; the trained params stay float32).
       remat: rematerialize U-Net blocks in the backward pass.
       variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
+      on_host: keep the frozen weights in host memory (numpy) for the caller to place,
+        e.g. sharded over a mesh, instead of on the default device.
 
     Returns:
       ``(model, frozen, tokenizer)``.
@@ -289,16 +293,27 @@ def load_parts(config: E4TConfig, *, dtype: Any = jnp.float32, remat: bool = Fal
     Raises:
       UserError: the placeholder is already a token, or the domain word is not one token.
     """
-    sd, base, tokenizer = pipeline.load_model(config.model.base, dtype=dtype, remat=remat, variant=variant)
+    sd, base, tokenizer = pipeline.load_model(config.model.base, dtype=dtype, remat=remat, param_dtype=dtype,
+                                              variant=variant, place=not on_host)
     backbone, vision_params = vision_lib.load(config.encoder.vision, vision_folder(sd, config.model.vision_source),
                                               dtype)
+    vision_params = _stored(vision_params, dtype, on_host)
     try:
         token_id, word_id = tokenizer.add_placeholder(config.model.placeholder, config.model.domain_word)
     except ValueError as error:  # the placeholder is a word, or the domain word is not one token
         raise UserError(str(error)) from error
     config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, text_dim=sd.text_dim))
     model = E4TModel(sd, EncoderHead(config.encoder), config, token_id, backbone)
-    return model, frozen_params(model, base, vision_params, tokenizer, word_id), tokenizer
+    frozen = frozen_params(model, base, vision_params, tokenizer, word_id)
+    return model, (jax.device_get(frozen) if on_host else frozen), tokenizer
+
+
+def _stored(tree: PyTree, dtype: Any, on_host: bool) -> PyTree:
+    """Floating leaves in ``dtype`` (a custom backbone may load float32), on the host or the device."""
+    def store(x):
+        x = x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        return np.asarray(x) if on_host else jnp.asarray(x)
+    return jax.tree.map(store, tree)
 
 
 def frozen_params(model: E4TModel, base: PyTree, vision_params: PyTree, tokenizer: Tokenizer,
@@ -319,16 +334,17 @@ def init_params(model: E4TModel, frozen: FrozenParams, seed: int = 0) -> E4TPara
 
 
 def build(config: E4TConfig = E4TConfig(), *, dtype: Any = jnp.float32, remat: bool = False, seed: int = 0,
-          variant: str | None = None) -> E4T:
+          variant: str | None = None, on_host: bool = False) -> E4T:
     """Loads the base model and vision backbone and initializes the E4T parts.
 
     Args:
       config: base model, concept words, encoder, offsets and loss.
-      dtype: compute dtype of the frozen modules (params stay float32).
+      dtype: compute and storage dtype of the frozen modules (trained params stay float32).
       remat: rematerialize U-Net blocks in the backward pass.
       seed: initializes the head and the low-rank offsets' ``down`` factors.
       variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
+      on_host: frozen weights and initial params in host memory (:func:`load_parts`).
     """
-    model, frozen, tokenizer = load_parts(config, dtype=dtype, remat=remat, variant=variant)
-    return E4T(model, frozen, init_params(model, frozen, seed), tokenizer)
-
+    model, frozen, tokenizer = load_parts(config, dtype=dtype, remat=remat, variant=variant, on_host=on_host)
+    params = init_params(model, frozen, seed)
+    return E4T(model, frozen, jax.device_get(params) if on_host else params, tokenizer)

@@ -119,7 +119,7 @@ class CLIPBackbone:
 
 def _clip(pool: str) -> Callable[[Path, Any], tuple[CLIPBackbone, PyTree]]:
     def load(folder: Path, dtype: Any) -> tuple[CLIPBackbone, PyTree]:
-        module, params = load_clip_vision(folder, dtype=dtype)
+        module, params = load_clip_vision(folder, dtype=dtype, param_dtype=dtype)
         return CLIPBackbone(module, pool), params
     return load
 

@@ -112,7 +112,8 @@ def generate_files(model: str | os.PathLike, prompts: Sequence[str], out: str | 
     out = Path(out)
     check_out(out, len(prompts), [*concepts, init_latents, encoder, model], force)
     timings, start = {}, time.perf_counter()
-    sd, params, tokenizer = pipeline.load_model(model, dtype=jnp.dtype(dtype), variant=variant)
+    sd, params, tokenizer = pipeline.load_model(model, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
+                                                variant=variant)
     loaded = [concept_lib.load_concept(path, sd, tokenizer) for path in concepts]
     placeholders = [c.placeholder for c in loaded]
     try:

@@ -83,10 +83,12 @@ class RunOptions:
       checkpoints: where the orbax checkpoints go: a folder or a ``gs://`` URL (which
         outlives a preempted TPU VM); None: ``out/checkpoints``.
       resume: continue from the latest checkpoint in ``checkpoints``.
-      dtype: compute dtype of the frozen modules.
+      dtype: compute dtype of the frozen modules and the storage dtype of their weights.
       remat: recompute U-Net blocks in the backward pass (less memory).
       devices_per_host: use only the first N devices of every host.
-      fsdp: devices per fsdp group (shards large frozen params).
+      fsdp: devices per fsdp group: the frozen weights, and with fsdp > 1 the train state,
+        are split over the group (leaves of at least ``fsdp_min_size`` elements).
+      fsdp_min_size: smaller leaves stay whole on every device.
       log_every, save_every, keep: metrics cadence, checkpoint cadence, checkpoints kept.
       sample_every: write a sample grid every N steps (0: never).
       variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
@@ -99,6 +101,7 @@ class RunOptions:
     remat: bool = False
     devices_per_host: int | None = None
     fsdp: int = 1
+    fsdp_min_size: int = parallel.MIN_FSDP_SIZE
     log_every: int = 10
     save_every: int = 500
     keep: int = 3
@@ -154,13 +157,20 @@ def check(config: PretrainConfig, options: RunOptions) -> None:
 class SampleWriter:
     """Grids of a held-out image and 3 prompts with ``S*`` from the current encoder.
 
-    The embedding function and the sampling program are compiled once, on the first grid.
+    Called on every process (reading the trained params is a collective on multi-host
+    runs); process 0 samples, from ``frozen``, and writes the grid. The embedding
+    function and the sampling program are compiled once, on the first grid.
+
+    Args:
+      frozen: the frozen params to sample with: the run's own on one process, a host copy
+        on multi-host runs (process 0 cannot run a program on arrays that span hosts).
     """
 
     PROMPTS = ("a photo of {}", "an oil painting of {}", "{} on the beach")
 
-    def __init__(self, e: model_lib.E4T, image: np.ndarray, size: int, every: int, out: Path, seed: int):
-        self.e, self.every, self.out, self.seed = e, every, out, seed
+    def __init__(self, e: model_lib.E4T, frozen: model_lib.FrozenParams, image: np.ndarray, size: int, every: int,
+                 out: Path, seed: int):
+        self.e, self.frozen, self.every, self.out, self.seed = e, frozen, every, out, seed
         self.pixels = data.center_crop_resize(image, size)
         self.embed = jax.jit(functools.partial(model_lib.embed_image, e.model))
         self.generator = pipeline.Generator(e.sd)
@@ -170,13 +180,16 @@ class SampleWriter:
     def __call__(self, step: int, state: steps.TrainState) -> None:
         if step % self.every:
             return
+        params = parallel.fetch(state.params)
+        if jax.process_index() != 0:
+            return
         from PIL import Image
 
-        e, params = self.e, jax.device_get(state.params)
-        embedding = np.asarray(self.embed(params, e.frozen, self.pixels[None])[0])
+        e, frozen = self.e, self.frozen
+        embedding = np.asarray(self.embed(params, frozen, self.pixels[None])[0])
         concept = concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, embedding, params.offsets,
                                       e.config, header={})
-        images = self.generator(e.frozen.base, self.ids, self.uncond, seed=self.seed, num_steps=20,
+        images = self.generator(frozen.base, self.ids, self.uncond, seed=self.seed, num_steps=20,
                                 hooks=concept.hooks())
         grid = pipeline.image_grid(pipeline.to_uint8(np.concatenate([(self.pixels[None] + 1) / 2, images])))
         path = self.out / f"{step:07d}.png"
@@ -201,7 +214,7 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     check(config, options)
     start = time.perf_counter()
     e = model_lib.build(config.e4t, dtype=jnp.dtype(options.dtype), remat=options.remat, seed=config.train.seed,
-                        variant=options.variant)
+                        variant=options.variant, on_host=True)  # placed on the mesh below, once
     size = config.data.size or e.sd.image_size
     log.info("%s (loaded in %.1fs)", e.describe(), time.perf_counter() - start)
 
@@ -214,8 +227,13 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     step_fn = functools.partial(steps.train_step, loss_fn=functools.partial(model_lib.loss, model=e.model),
                                 optimizer=optimizer)
     driver = parallel.JitDriver(step_fn, mesh, jax.eval_shape(lambda: state), jax.eval_shape(lambda: e.frozen),
-                                fsdp=options.fsdp > 1)
+                                fsdp=options.fsdp > 1, min_fsdp_size=options.fsdp_min_size)
     state, frozen = driver.place_state(state), driver.place_frozen(e.frozen)
+    sample_frozen = frozen if jax.process_count() == 1 else e.frozen
+    # The mesh now holds the only device copies (no whole one beside the shards on device 0).
+    e = dataclasses.replace(e, frozen=frozen, params=None)
+    log.info("device 0 holds %.1f MiB of train state and frozen weights",
+             parallel.device_bytes(mesh.devices.flat[0]) / 2**20)
 
     per_host = train.batch_size // jax.process_count()
     placeholder = config.e4t.model.placeholder
@@ -242,9 +260,10 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
             step += 1
 
     hooks = []
-    if options.sample_every and jax.process_index() == 0:
+    if options.sample_every:
         first_image = data.load_image(data.list_images(config.data.root)[0])
-        hooks.append(SampleWriter(e, first_image, size, options.sample_every, options.out / "samples", train.seed))
+        hooks.append(SampleWriter(e, sample_frozen, first_image, size, options.sample_every, options.out / "samples",
+                                  train.seed))
     try:
         state = loop.run(driver, state, frozen, host_batches(int(state.step)), steps=train.steps,
                          global_batch_size=train.batch_size, manager=manager,
@@ -253,7 +272,9 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     except FloatingPointError as error:
         raise UserError(f"{error}; lower --lr or raise --warmup and --resume") from error
     encoder_dir = options.out / "encoder"
+    # On every process: fetching split params is a collective, and orbax's save synchronizes
+    # the processes (process 0 writes).
+    export_encoder(e, encoder_dir, parallel.fetch(state.params), pretrained_steps=int(state.step))
     if jax.process_index() == 0:
-        export_encoder(e, encoder_dir, jax.device_get(state.params), pretrained_steps=int(state.step))
         log.info("domain encoder (step %d) written to %s", int(state.step), encoder_dir)
     return encoder_dir

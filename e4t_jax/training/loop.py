@@ -79,7 +79,8 @@ def run(driver: Callable, state: PyTree, frozen: PyTree, batches: Iterator[dict[
       config: the run's config (JSON-able), saved with every checkpoint.
       out: the run folder (metrics go to ``out/tb`` and ``out/metrics.jsonl``).
       log_every: metrics every N steps (and at the first and the last).
-      on_step: ``hook(step, state)`` after every step (process 0 decides what to do).
+      on_step: ``hook(step, state)`` after every step, on every process (each hook decides
+        what a process does; reading sharded state is a collective on multi-host runs).
 
     Raises:
       FloatingPointError: a metric became NaN or infinite (the last good checkpoint stays).

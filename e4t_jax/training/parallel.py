@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
 BATCH_AXES = ("data", "fsdp")
+MIN_FSDP_SIZE = 2**16  # leaves with fewer elements stay whole on every device (their all-gathers cost more)
 
 
 def make_mesh(data: int | None = None, fsdp: int = 1, devices=None) -> Mesh:
@@ -82,7 +83,7 @@ def _leaf_fsdp_spec(shape: tuple[int, ...], parts: int, min_size: int) -> P:
     return P(*([None] * axis + ["fsdp"]))
 
 
-def fsdp_sharding(mesh: Mesh, tree: PyTree, min_size: int = 2**20) -> PyTree:
+def fsdp_sharding(mesh: Mesh, tree: PyTree, min_size: int = MIN_FSDP_SIZE) -> PyTree:
     """Per-leaf shardings: leaves with >= ``min_size`` elements split over ``"fsdp"``.
 
     The largest axis divisible by the ``"fsdp"`` size is split; small leaves, and
@@ -93,7 +94,7 @@ def fsdp_sharding(mesh: Mesh, tree: PyTree, min_size: int = 2**20) -> PyTree:
     return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_fsdp_spec(tuple(x.shape), parts, min_size)), tree)
 
 
-def state_sharding(mesh: Mesh, abstract_state: PyTree, fsdp: bool, min_size: int = 2**20) -> PyTree:
+def state_sharding(mesh: Mesh, abstract_state: PyTree, fsdp: bool, min_size: int = MIN_FSDP_SIZE) -> PyTree:
     """Shardings of a train state: split over ``"fsdp"`` (see :func:`fsdp_sharding`) or replicated."""
     if fsdp:
         return fsdp_sharding(mesh, abstract_state, min_size)
@@ -151,7 +152,7 @@ class JitDriver:
     """
 
     def __init__(self, step_fn: Callable, mesh: Mesh, abstract_state: PyTree, abstract_frozen: PyTree,
-                 fsdp: bool = False, min_fsdp_size: int = 2**20):
+                 fsdp: bool = False, min_fsdp_size: int = MIN_FSDP_SIZE):
         self.mesh = mesh
         self.state_shardings = state_sharding(mesh, abstract_state, fsdp, min_fsdp_size)
         self.frozen_shardings = fsdp_sharding(mesh, abstract_frozen, min_fsdp_size)
@@ -175,6 +176,25 @@ class JitDriver:
         Returns the new state and the metrics as replicated ``jax.Array``s (not fetched).
         """
         return self._step(state, frozen, shard_batch(self.mesh, batch))
+
+
+def fetch(tree: PyTree) -> PyTree:
+    """Every leaf as a whole host numpy array, also when it is split over several processes.
+
+    Multi-process: a collective (``process_allgather``), so every process must call it
+    at the same point; one process alone cannot read shards that live on another host.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def device_bytes(device) -> int:
+    """Bytes held on ``device`` by every live ``jax.Array`` (its shards there)."""
+    return sum(shard.data.nbytes for array in jax.live_arrays() for shard in array.addressable_shards
+               if shard.device == device)
 
 
 def replicate(tree: PyTree, devices) -> PyTree:
