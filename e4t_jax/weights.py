@@ -261,9 +261,9 @@ OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safe
 
 def _pickle_refused(file: Path) -> CheckpointError:
     return CheckpointError(
-        f"{file} is a pickle checkpoint; e4t-jax never loads pickles (they can run arbitrary code): use the model's "
-        "safetensors file, or convert it where you trust it (torch.load, then safetensors.torch.save_file(state_dict, "
-        f"'{OPENCLIP_WEIGHTS[0]}')).")
+        f"{file} is a pickle checkpoint; e4t-jax never loads pickles (they can run arbitrary code): use the "
+        "model's safetensors file, or convert it where you trust it (torch.load, then "
+        f"safetensors.torch.save_file(state_dict, '{OPENCLIP_WEIGHTS[0]}')).")
 
 
 def _openclip_weights(folder: Path) -> Path:
@@ -375,10 +375,9 @@ def single_model_patterns(files: Sequence[str] | None) -> list[str]:
     if named and OPENCLIP_CONFIG in files:
         return [OPENCLIP_CONFIG, named[0]]
     pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
-    raise CheckpointError(
-        "The repository has no safetensors weights that e4t-jax reads (model.safetensors with config.json, or "
-        f"{OPENCLIP_WEIGHTS[0]} with {OPENCLIP_CONFIG})"
-        + (f"; its pickles ({', '.join(pickles)}) are never loaded: convert them to safetensors." if pickles else "."))
+    refused = f"; its pickles ({', '.join(pickles)}) are never loaded: convert them to safetensors." if pickles else "."
+    raise CheckpointError("The repository has no safetensors weights that e4t-jax reads (model.safetensors with "
+                          f"config.json, or {OPENCLIP_WEIGHTS[0]} with {OPENCLIP_CONFIG}){refused}")
 
 
 def _repo_files(repo_id: str) -> list[str] | None:

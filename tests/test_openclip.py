@@ -42,7 +42,7 @@ def _open_clip_model() -> types.ModuleType:
         return sys.modules["open_clip.model"]
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
-        raise ModuleNotFoundError("open_clip_torch is missing: pip install --no-deps open_clip_torch==3.3.0")
+        raise ModuleNotFoundError("open_clip_torch is missing: pip install --no-deps -r tests/requirements-no-deps.txt")
     sys.modules["open_clip"] = importlib.util.module_from_spec(spec)  # the package, its __init__ not run
     importlib.import_module("open_clip.hf_model")  # imports transformers while torchvision is what it is
     stubs = {} if importlib.util.find_spec("torchvision") else _torchvision_stub()

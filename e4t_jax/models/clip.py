@@ -51,8 +51,10 @@ def _tower_dict(config: dict, tower: str, wrong_model_type: str) -> dict:
     if config.get("model_type") == wrong_model_type:
         raise ValueError(f"A {wrong_model_type} config cannot configure the CLIP {tower.split('_')[0]} tower.")
     if config.get("model_type") == "clip" or tower in config:
-        # CLIPConfig lets the legacy ``*_config_dict`` entries override ``*_config``.
-        return {**(config.get(tower) or {}), **(config.get(tower + "_dict") or {})}
+        # CLIPConfig lets the legacy ``*_config_dict`` entries override ``*_config``; a CLIPModel
+        # projects both towers to its own ``projection_dim``.
+        merged = {**(config.get(tower) or {}), **(config.get(tower + "_dict") or {})}
+        return {**merged, "projection_dim": config["projection_dim"]} if "projection_dim" in config else merged
     return config
 
 
@@ -143,8 +145,10 @@ class CLIPVisionConfig:
         _check_openclip(vision, config.get("preprocess_cfg") or {})
         width = vision.get("width", 768)
         return cls(hidden_size=width, intermediate_size=int(width * vision.get("mlp_ratio", 4.0)),
-                   num_hidden_layers=vision.get("layers", 12), num_attention_heads=width // vision.get("head_width", 64),
-                   image_size=_square(vision.get("image_size", 224)), patch_size=_square(vision.get("patch_size", 16)),
+                   num_hidden_layers=vision.get("layers", 12),
+                   num_attention_heads=width // vision.get("head_width", 64),
+                   image_size=_square(vision.get("image_size", 224)),
+                   patch_size=_square(vision.get("patch_size", 16)),
                    hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
                    layer_norm_eps=(vision.get("norm_kwargs") or {}).get("eps", 1e-5),
                    projection_dim=model_cfg.get("embed_dim", 512))
@@ -169,7 +173,8 @@ def _square(size: int | list[int]) -> int:
 
 def _check_openclip(vision: dict, preprocess: dict) -> None:
     """Refuses OpenCLIP towers and image statistics that :class:`CLIPVisionTransformer` does not reproduce."""
-    changed = [f"{key}={vision[key]!r}" for key, plain in _OPENCLIP_VIT.items() if vision.get(key, plain[0]) not in plain]
+    changed = [f"{key}={vision[key]!r}" for key, plain in _OPENCLIP_VIT.items()
+               if vision.get(key, plain[0]) not in plain]
     if isinstance(vision.get("layers"), (list, tuple)):
         changed.append(f"layers={vision['layers']!r} (a ResNet)")
     if changed:
@@ -481,7 +486,8 @@ def _openclip_entry(key: str, value: np.ndarray) -> dict[str, np.ndarray]:
     if key in _OPENCLIP_PARAMS:
         return {_OPENCLIP_PARAMS[key]: value}
     block = _RESBLOCK.match(key)
-    prefix, rest, names = (f"encoder.layers.{block[1]}.", block[2], _OPENCLIP_BLOCK) if block else ("", key, _OPENCLIP_TOP)
+    prefix, rest, names = ((f"encoder.layers.{block[1]}.", block[2], _OPENCLIP_BLOCK) if block
+                           else ("", key, _OPENCLIP_TOP))
     if block and rest in ("attn.in_proj_weight", "attn.in_proj_bias"):  # q, k, v stacked: [3 D, D] / [3 D]
         leaf = rest.rsplit("_", 1)[1]
         return {f"{prefix}self_attn.{name}_proj.{leaf}": part for name, part in zip("qkv", np.split(value, 3))}
