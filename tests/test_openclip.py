@@ -23,7 +23,10 @@ import torch
 from safetensors.numpy import save_file
 
 from e4t_jax import weights
+from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t import vision as vision_lib
+from e4t_jax.e4t.config import E4TConfig, ModelConfig
+from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.models import clip
 
 OPENAI_STATS = {"mean": list(clip.CLIP_MEAN), "std": list(clip.CLIP_STD)}
@@ -148,6 +151,15 @@ def test_backbone_and_bare_file_load_the_same(reference, tmp_path):
             np.testing.assert_array_equal(a, b, err_msg=str(path))
 
 
+@pytest.mark.parametrize("reference", [True], indirect=True, ids=["quick_gelu"])
+def test_e4t_builds_on_an_open_clip_vision_source(reference, tiny_model_dir):
+    e = model_lib.build(E4TConfig(model=ModelConfig(base=str(tiny_model_dir), vision_source=str(reference["folder"])),
+                                  encoder=EncoderConfig(vision_dim=16, unet_dim=16, hidden_dim=16)))
+    assert (e.model.vision.num_layers, e.model.vision.width) == (3, 32)
+    expected = {key: value for key, value in reference["params"].items() if key != "visual_projection"}
+    jax.tree.map(np.testing.assert_array_equal, e.frozen.vision, expected)
+
+
 def test_missing_and_unexpected_keys_are_named(reference, tmp_path):
     state = weights.read_safetensors(reference["folder"] / "open_clip_model.safetensors")
     del state["visual.transformer.resblocks.1.attn.in_proj_weight"]
@@ -211,7 +223,7 @@ def test_vit_h_14_config_maps_every_key():
     assert ours == theirs == sum(p.numel() for p in model.visual.parameters()) > 630_000_000
 
 
-# The root files of laion/CLIP-ViT-H-14-laion2B-s32B-b79K (both formats), and of an OpenCLIP-only repository.
+# Root files of a repository with both formats (as laion's CLIP repositories), and of an OpenCLIP-only one.
 BOTH_FORMATS = ["config.json", "model.safetensors", "pytorch_model.bin", "open_clip_config.json",
                 "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "preprocessor_config.json",
                 "tokenizer.json", "vocab.json", "merges.txt", "README.md"]
@@ -231,3 +243,21 @@ def test_hub_download_picks_one_format_and_no_pickles():
     with pytest.raises(weights.CheckpointError, match=r"pickles \(open_clip_pytorch_model.bin\) are never loaded"):
         weights.single_model_patterns(["open_clip_config.json", "open_clip_pytorch_model.bin"])
     assert set(weights.single_model_patterns(None)) >= {"open_clip_model.safetensors", "model.safetensors"}
+
+
+@pytest.mark.parametrize("listing, expected", [(OPENCLIP_ONLY, ["open_clip_config.json", "open_clip_model.safetensors"]),
+                                               (None, weights.single_model_patterns(None))])
+def test_resolve_fetches_what_the_listing_allows(monkeypatch, tmp_path, listing, expected):
+    import huggingface_hub
+
+    def list_repo_files(self, repo_id):
+        if listing is None:
+            raise ConnectionError("offline")
+        return listing
+
+    asked = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: asked.update(patterns=allow_patterns) or str(tmp_path))
+    assert weights.resolve_model("laion/some-open-clip-model", parts=None) == tmp_path
+    assert asked["patterns"] == expected
