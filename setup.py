@@ -27,7 +27,9 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.3",  # ships the real handwritten digits of the digits mini-domain
 ]
 
-# torch and diffusers are the PyTorch reference: tests and benchmarks only.
+# torch and diffusers are the PyTorch reference: tests and benchmarks only. OpenCLIP's reference,
+# open_clip_torch, is installed without its dependencies from tests/requirements-no-deps.txt: it
+# requires torchvision, whose PyPI build cannot be imported beside torch's CPU build (see that file).
 REFERENCE = ["torch==2.13.0", "diffusers>=0.35", "transformers>=5.0"]
 
 setup(

@@ -17,7 +17,8 @@ anything else               same name                  as is
 Only safetensors files are read: pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``) can
 run arbitrary code when loaded, and are never loaded. Which files of a folder hold its
 weights is one explicit rule (:func:`weight_files`), with diffusers' variant naming
-(``--variant fp16``: ``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``).
+(``--variant fp16``: ``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``);
+an OpenCLIP checkpoint's files are found by :func:`openclip_files`.
 """
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ def state_dict_to_params(
     prefix: str = "",
     ignore: tuple[str, ...] = (),
     what: str = "model",
+    config_name: str = "config.json",
 ) -> PyTree:
     """Converts a PyTorch-layout state dict into a Flax params pytree.
 
@@ -119,6 +121,7 @@ def state_dict_to_params(
       ignore: regular expressions of state-dict keys to drop silently (buffers such
         as ``position_ids``, heads of a bigger checkpoint).
       what: model name used in error messages.
+      config_name: the config file that the error message asks to check.
 
     Raises:
       CheckpointError: listing every missing, unexpected or mis-shaped key.
@@ -149,7 +152,7 @@ def state_dict_to_params(
             if keys:
                 shown = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
                 lines.append(f"  {len(keys)} {title}:\n    {shown}")
-        lines.append("Check that the config.json beside the weights belongs to them.")
+        lines.append(f"Check that the {config_name} beside the weights belongs to them.")
         raise CheckpointError("\n".join(lines))
     return traverse_util.unflatten_dict(params)
 
@@ -251,6 +254,51 @@ def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None) ->
     return state
 
 
+OPENCLIP_CONFIG = "open_clip_config.json"
+# OpenCLIP's safetensors weight file names on the Hub, the preferred first.
+OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+
+
+def _pickle_refused(file: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{file} is a pickle checkpoint; e4t-jax never loads pickles (they can run arbitrary code): use the "
+        "model's safetensors file, or convert it where you trust it (torch.load, then "
+        f"safetensors.torch.save_file(state_dict, '{OPENCLIP_WEIGHTS[0]}')).")
+
+
+def _openclip_weights(folder: Path) -> Path:
+    """The weights file of an OpenCLIP folder: the first of :data:`OPENCLIP_WEIGHTS`, else its only safetensors."""
+    named = [folder / name for name in OPENCLIP_WEIGHTS if (folder / name).is_file()]
+    others = sorted(folder.glob("*.safetensors"))
+    if named or len(others) == 1:
+        return (named or others)[0]
+    pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles and not others:
+        raise _pickle_refused(pickles[0])
+    raise CheckpointError(f"No OpenCLIP weights in {folder}: expected {' or '.join(OPENCLIP_WEIGHTS)}"
+                          + (f"; it holds {', '.join(f.name for f in others)}" if others else "."))
+
+
+def openclip_files(path: str | os.PathLike) -> tuple[Path, Path] | None:
+    """The ``(weights, config)`` files of an OpenCLIP checkpoint at ``path``; None where it is none.
+
+    An OpenCLIP checkpoint is a folder holding :data:`OPENCLIP_CONFIG` and no ``config.json``
+    (a folder with both, as some Hub repositories, is read as transformers'), its weights
+    the first of :data:`OPENCLIP_WEIGHTS` there, else its only ``*.safetensors`` file; or
+    one ``.safetensors`` file with :data:`OPENCLIP_CONFIG` beside it.
+
+    Raises:
+      CheckpointError: the weights are a pickle (``open_clip_pytorch_model.bin``), or missing.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise _pickle_refused(path)
+    folder = path.parent if path.is_file() else path
+    if not (folder / OPENCLIP_CONFIG).is_file() or (path.is_dir() and (folder / "config.json").is_file()):
+        return None
+    return (path if path.is_file() else _openclip_weights(folder)), folder / OPENCLIP_CONFIG
+
+
 def save_safetensors(params: PyTree, path: str | os.PathLike, *, prefix: str = "",
                      metadata: dict[str, str] | None = None) -> None:
     """Writes a params pytree as a PyTorch-layout safetensors file (round-trips exactly)."""
@@ -306,6 +354,42 @@ def hub_patterns(parts: Sequence[str] | None, variant: str | None = None) -> lis
     return patterns
 
 
+def single_model_patterns(files: Sequence[str] | None) -> list[str]:
+    """The ``allow_patterns`` of a Hub repository that holds one model at its root (a CLIP
+    vision tower), given its ``files``: transformers' configs and weights
+    (:func:`hub_patterns` ``(None)``) where it has them, else :data:`OPENCLIP_CONFIG` and the
+    first of :data:`OPENCLIP_WEIGHTS` it has. Pickles are never fetched.
+
+    ``files`` None (the listing failed, e.g. offline): both formats' patterns, so that a
+    cached snapshot is taken whichever it holds.
+
+    Raises:
+      CheckpointError: the repository has neither (only pickles, say).
+    """
+    openclip = [OPENCLIP_CONFIG, *OPENCLIP_WEIGHTS]
+    if files is None:
+        return hub_patterns(None) + openclip
+    if {"model.safetensors", "model.safetensors.index.json"} & set(files):
+        return hub_patterns(None)
+    named = [name for name in OPENCLIP_WEIGHTS if name in files]
+    if named and OPENCLIP_CONFIG in files:
+        return [OPENCLIP_CONFIG, named[0]]
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    refused = f"; its pickles ({', '.join(pickles)}) are never loaded: convert them to safetensors." if pickles else "."
+    raise CheckpointError("The repository has no safetensors weights that e4t-jax reads (model.safetensors with "
+                          f"config.json, or {OPENCLIP_WEIGHTS[0]} with {OPENCLIP_CONFIG}){refused}")
+
+
+def _repo_files(repo_id: str) -> list[str] | None:
+    """A Hub repository's file names; None where they cannot be listed (offline)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().list_repo_files(repo_id)
+    except Exception:  # offline or unreachable: snapshot_download says which, or takes the cache
+        return None
+
+
 def resolve_model(path_or_id: str | os.PathLike, *, parts: Sequence[str] | None = PIPELINE_PARTS,
                   variant: str | None = None) -> Path:
     """A local model folder as is, or a Hugging Face Hub model id fetched to a local snapshot.
@@ -313,11 +397,13 @@ def resolve_model(path_or_id: str | os.PathLike, *, parts: Sequence[str] | None 
     Args:
       parts: the subfolders to fetch (default: those of a Stable Diffusion pipeline that
         e4t-jax reads; ``("image_encoder",)`` adds that one); None for a repository that
-        holds one model at its root (a CLIP vision tower).
+        holds one model at its root (a CLIP vision tower, transformers' or OpenCLIP's
+        files: :func:`single_model_patterns`).
       variant: fetch the weight files of this variant (``fp16``) instead of the plain ones.
 
     Raises:
       FileNotFoundError: with instructions, when the id cannot be reached offline.
+      CheckpointError: the repository has no weights that e4t-jax reads.
     """
     path = Path(path_or_id).expanduser()
     if path.exists():
@@ -325,10 +411,11 @@ def resolve_model(path_or_id: str | os.PathLike, *, parts: Sequence[str] | None 
     text = str(path_or_id)
     if not is_hub_id(text):
         raise FileNotFoundError(f"Model folder {text} does not exist.")
+    patterns = hub_patterns(parts, variant) if parts is not None else single_model_patterns(_repo_files(text))
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text, allow_patterns=hub_patterns(parts, variant)))
+        return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # network down, gated repo, unknown id
         raise FileNotFoundError(
             f"Could not resolve '{text}' as a local folder or a Hugging Face Hub model id ({type(e).__name__}: {e}). "

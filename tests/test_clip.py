@@ -153,14 +153,16 @@ def test_towers_load_from_full_clip_model(tmp_path):
     ids = _input_ids(49)
     with torch.no_grad():
         vision_ref = reference.vision_model(pixels)
+        image_embeds = reference.visual_projection(vision_ref.pooler_output)
         text_ref = reference.text_model(torch.from_numpy(ids).long())
-    vision_module, vision_params = clip.load_clip_vision(tmp_path)
+    vision_module, vision_params = clip.load_clip_vision(tmp_path, with_projection=True)
     text_module, text_params = clip.load_clip_text(tmp_path)
     assert (vision_module.config.patch_size, vision_module.config.num_hidden_layers) == (8, 4)
     assert text_module.config.eos_token_id == 49
     vision_out = vision_module.apply({"params": vision_params}, pixels.permute(0, 2, 3, 1).numpy())
     text_out = text_module.apply({"params": text_params}, ids)
     np.testing.assert_allclose(vision_out.pooler_output, vision_ref.pooler_output.numpy(), atol=1e-4)
+    np.testing.assert_allclose(vision_out.image_embeds, image_embeds.numpy(), atol=1e-4)
     np.testing.assert_allclose(text_out.pooler_output, text_ref.pooler_output.numpy(), atol=1e-4)
 
 
@@ -213,8 +215,10 @@ def test_full_size_configs_map_every_key():
 def test_config_from_dict_variants():
     full = {"model_type": "clip", "text_config": {"hidden_size": 64, "eos_token_id": 2},
             "vision_config": {"hidden_act": "gelu", "patch_size": 14}, "projection_dim": 8}
-    assert clip.CLIPTextConfig.from_dict(full) == clip.CLIPTextConfig(hidden_size=64, eos_token_id=2)
-    assert clip.CLIPVisionConfig.from_dict(full) == clip.CLIPVisionConfig(hidden_act="gelu", patch_size=14)
+    # Both towers of a CLIPModel project to its top-level projection_dim.
+    assert clip.CLIPTextConfig.from_dict(full) == clip.CLIPTextConfig(hidden_size=64, eos_token_id=2, projection_dim=8)
+    assert clip.CLIPVisionConfig.from_dict(full) == clip.CLIPVisionConfig(hidden_act="gelu", patch_size=14,
+                                                                          projection_dim=8)
     # transformers writes only non-default values: absent keys take transformers' defaults.
     assert clip.CLIPTextConfig.from_dict({"model_type": "clip_text_model"}).eos_token_id == 49407
     with pytest.raises(ValueError, match="hidden_act"):

@@ -78,7 +78,8 @@ def resize_and_normalize(pixels: jax.Array, size: int, mean: tuple[float, ...], 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPBackbone:
-    """A transformers ``CLIPVisionModel``; per layer its [CLS] token, or the patch tokens' mean.
+    """A CLIP vision tower (transformers' or OpenCLIP's checkpoint,
+    :func:`e4t_jax.models.clip.load_clip_vision`); per layer its [CLS] token, or the patch tokens' mean.
 
     Attributes:
       module: the Flax vision tower.

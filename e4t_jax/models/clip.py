@@ -4,18 +4,26 @@ Submodule names follow transformers' attribute paths, so :mod:`e4t_jax.weights` 
 checkpoints one to one: ``embeddings/token_embedding``, ``encoder/layers_3/self_attn/q_proj``,
 ``final_layer_norm``, ``pre_layrnorm`` (transformers' spelling), ``post_layernorm``.
 The modules have no ``text_model`` / ``vision_model`` level: the loaders strip that prefix.
+
+The vision tower also loads OpenCLIP checkpoints (``open_clip_config.json`` beside
+``open_clip_model.safetensors``): :func:`openclip_vision_state` renames their
+``visual.*`` keys to transformers' names, and :meth:`CLIPVisionConfig.from_openclip`
+reads their ``model_cfg.vision_cfg``.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+import re
+from pathlib import Path
 from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from e4t_jax import weights
 from e4t_jax.models.attention import dot_product_attention
@@ -43,8 +51,10 @@ def _tower_dict(config: dict, tower: str, wrong_model_type: str) -> dict:
     if config.get("model_type") == wrong_model_type:
         raise ValueError(f"A {wrong_model_type} config cannot configure the CLIP {tower.split('_')[0]} tower.")
     if config.get("model_type") == "clip" or tower in config:
-        # CLIPConfig lets the legacy ``*_config_dict`` entries override ``*_config``.
-        return {**(config.get(tower) or {}), **(config.get(tower + "_dict") or {})}
+        # CLIPConfig lets the legacy ``*_config_dict`` entries override ``*_config``; a CLIPModel
+        # projects both towers to its own ``projection_dim``.
+        merged = {**(config.get(tower) or {}), **(config.get(tower + "_dict") or {})}
+        return {**merged, "projection_dim": config["projection_dim"]} if "projection_dim" in config else merged
     return config
 
 
@@ -114,6 +124,67 @@ class CLIPVisionConfig:
         """From a ``config.json`` of ``CLIPVisionModel[WithProjection]`` or a full ``CLIPModel``."""
         return _from_dict(cls, _tower_dict(config, "vision_config", "clip_text_model"))
 
+    @classmethod
+    def from_openclip(cls, config: dict) -> "CLIPVisionConfig":
+        """From an ``open_clip_config.json`` (``{"model_cfg": ..., "preprocess_cfg": ...}``) or a
+        bare OpenCLIP model config (``{"embed_dim": ..., "vision_cfg": ...}``).
+
+        Reads ``vision_cfg``'s width, layers, head_width, mlp_ratio, patch and image size and
+        LayerNorm eps (``norm_kwargs``), ``embed_dim``, and the activation: QuickGELU where
+        ``quick_gelu`` is true (OpenAI-pretrained weights), else exact GELU (LAION's). Absent
+        entries take open_clip's defaults.
+
+        Raises:
+          CheckpointError: no ``vision_cfg``, a tower this ViT does not compute (ResNet,
+            timm, attention pooling, layer scale, ...), or image statistics other than CLIP's.
+        """
+        model_cfg = config.get("model_cfg", config)
+        if "vision_cfg" not in model_cfg:
+            raise weights.CheckpointError("The OpenCLIP config has no model_cfg.vision_cfg.")
+        vision = model_cfg["vision_cfg"]
+        _check_openclip(vision, config.get("preprocess_cfg") or {})
+        width = vision.get("width", 768)
+        return cls(hidden_size=width, intermediate_size=int(width * vision.get("mlp_ratio", 4.0)),
+                   num_hidden_layers=vision.get("layers", 12),
+                   num_attention_heads=width // vision.get("head_width", 64),
+                   image_size=_square(vision.get("image_size", 224)),
+                   patch_size=_square(vision.get("patch_size", 16)),
+                   hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+                   layer_norm_eps=(vision.get("norm_kwargs") or {}).get("eps", 1e-5),
+                   projection_dim=model_cfg.get("embed_dim", 512))
+
+
+# OpenCLIP vision_cfg entries that make a tower other than CLIP's ViT: the values that keep it.
+_OPENCLIP_VIT = {
+    "timm_model_name": (None, ""), "attentional_pool": (False,), "no_ln_pre": (False,), "pool_type": ("tok",),
+    "ls_init_value": (None,), "act_kwargs": (None, {}), "block_type": (None, "default"), "qk_norm": (False,),
+    "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,), "scale_attn": (False,),
+    "scale_fc": (False,),
+}
+
+
+def _square(size: int | list[int]) -> int:
+    """An OpenCLIP size (``224`` or ``[224, 224]``) as one int; non-square sizes are refused."""
+    sizes = set(size) if isinstance(size, (list, tuple)) else {size}
+    if len(sizes) != 1:
+        raise weights.CheckpointError(f"Non-square OpenCLIP image or patch size {size} is not supported.")
+    return sizes.pop()
+
+
+def _check_openclip(vision: dict, preprocess: dict) -> None:
+    """Refuses OpenCLIP towers and image statistics that :class:`CLIPVisionTransformer` does not reproduce."""
+    changed = [f"{key}={vision[key]!r}" for key, plain in _OPENCLIP_VIT.items()
+               if vision.get(key, plain[0]) not in plain]
+    if isinstance(vision.get("layers"), (list, tuple)):
+        changed.append(f"layers={vision['layers']!r} (a ResNet)")
+    if changed:
+        raise weights.CheckpointError(f"The OpenCLIP vision tower is not a plain CLIP ViT ({', '.join(changed)}); "
+                                      "e4t-jax loads ViT towers with class-token pooling only.")
+    for name, ours in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
+        if name in preprocess and not np.allclose(preprocess[name], ours, atol=1e-6):
+            raise weights.CheckpointError(f"The OpenCLIP model normalizes images with {name} {preprocess[name]}; "
+                                          f"e4t-jax's CLIP backbone uses OpenAI CLIP's {list(ours)}.")
+
 
 @flax.struct.dataclass
 class CLIPOutput:
@@ -126,11 +197,14 @@ class CLIPOutput:
         token (vision).
       hidden_states: when requested, ``num_hidden_layers + 1`` arrays ``[B, L, D]``: the
         encoder input, then each layer's output (the last one before any final norm).
+      image_embeds: ``[B, projection_dim]``, ``pooler_output`` projected to the joint
+        image-text space; vision towers built ``with_projection`` only.
     """
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
+    image_embeds: jax.Array | None = None
 
 
 def layer_norm(eps: float, dtype, name: str | None) -> nn.LayerNorm:
@@ -302,10 +376,13 @@ class CLIPVisionTransformer(nn.Module):
     Attributes:
       config: the vision tower's configuration.
       dtype: compute dtype (params stay as loaded, float32 by default).
+      with_projection: also compute ``image_embeds`` with a bias-free ``visual_projection``
+        ``[hidden_size, projection_dim]`` (``CLIPVisionModelWithProjection``).
     """
 
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
+    with_projection: bool = False
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array, output_hidden_states: bool = False) -> CLIPOutput:
@@ -328,7 +405,9 @@ class CLIPVisionTransformer(nn.Module):
         x = layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
         states = CLIPEncoder(cfg, self.dtype, name="encoder")(x)
         pooled = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(states[-1][:, 0])
-        return CLIPOutput(states[-1], pooled, states if output_hidden_states else None)
+        embeds = (nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="visual_projection")(pooled)
+                  if self.with_projection else None)
+        return CLIPOutput(states[-1], pooled, states if output_hidden_states else None, embeds)
 
 
 def preprocess_images(images: jax.Array, size: int = 224) -> jax.Array:
@@ -390,22 +469,95 @@ def load_clip_text(folder: str | os.PathLike, dtype: Any = jnp.float32, param_dt
     return module, params
 
 
-def load_clip_vision(folder: str | os.PathLike, dtype: Any = jnp.float32,
-                     param_dtype: Any = jnp.float32) -> tuple[CLIPVisionTransformer, dict]:
-    """Loads a ``CLIPVisionModel[WithProjection]`` or full ``CLIPModel`` folder's vision tower.
+# OpenCLIP ``visual.*`` module names -> transformers' (``.weight`` / ``.bias`` follow), outside
+# and inside ``visual.transformer.resblocks.N`` (-> ``encoder.layers.N``).
+_OPENCLIP_TOP = {"conv1": "embeddings.patch_embedding", "ln_pre": "pre_layrnorm", "ln_post": "post_layernorm"}
+_OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj", "ln_2": "layer_norm2",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPENCLIP_PARAMS = {"class_embedding": "embeddings.class_embedding",
+                    "positional_embedding": "embeddings.position_embedding.weight"}
+_RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 
-    Keys with or without the ``vision_model.`` prefix are accepted; the text tower,
-    projections, ``logit_scale`` and ``position_ids`` are ignored.
+
+def _openclip_entry(key: str, value: np.ndarray) -> dict[str, np.ndarray]:
+    """One OpenCLIP vision entry (``key`` without ``visual.``) under transformers' key(s)."""
+    if key == "proj":  # [D, E], applied as pooled @ proj; a Linear weight is [E, D]
+        return {"visual_projection.weight": value.T}
+    if key in _OPENCLIP_PARAMS:
+        return {_OPENCLIP_PARAMS[key]: value}
+    block = _RESBLOCK.match(key)
+    prefix, rest, names = ((f"encoder.layers.{block[1]}.", block[2], _OPENCLIP_BLOCK) if block
+                           else ("", key, _OPENCLIP_TOP))
+    if block and rest in ("attn.in_proj_weight", "attn.in_proj_bias"):  # q, k, v stacked: [3 D, D] / [3 D]
+        leaf = rest.rsplit("_", 1)[1]
+        return {f"{prefix}self_attn.{name}_proj.{leaf}": part for name, part in zip("qkv", np.split(value, 3))}
+    module, _, leaf = rest.rpartition(".")
+    if module in names:
+        return {f"{prefix}{names[module]}.{leaf}": value}
+    return {"visual." + key: value}  # under its own name: the loader reports it as unexpected
+
+
+def openclip_vision_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An OpenCLIP state dict's vision tower under ``CLIPVisionModelWithProjection``'s keys.
+
+    ``visual.conv1`` [D, 3, p, p] -> ``embeddings.patch_embedding``; ``class_embedding``
+    [D] and ``positional_embedding`` [L, D] -> ``embeddings.*``; ``ln_pre`` / ``ln_post``
+    -> ``pre_layrnorm`` / ``post_layernorm``; ``proj`` [D, E] -> ``visual_projection.weight``
+    [E, D]. In ``visual.transformer.resblocks.N`` (-> ``encoder.layers.N``): the fused
+    ``attn.in_proj_weight`` [3D, D] / ``in_proj_bias`` [3D] split into
+    ``self_attn.{q,k,v}_proj``, ``attn.out_proj`` -> ``self_attn.out_proj``, ``ln_1`` /
+    ``ln_2`` -> ``layer_norm1`` / ``layer_norm2``, ``mlp.c_fc`` / ``c_proj`` -> ``mlp.fc1`` / ``fc2``.
+
+    Keys outside ``visual.`` (the text tower, ``logit_scale``) are dropped; other ``visual.``
+    keys (layer scale, attention pooling) keep their names, to be reported as unexpected.
+    Arrays are not copied (the q/k/v parts are views).
+    """
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("visual."):
+            renamed.update(_openclip_entry(key.removeprefix("visual."), value))
+    return renamed
+
+
+def _vision_checkpoint(folder: Path) -> tuple[CLIPVisionConfig, dict[str, np.ndarray], str, str]:
+    """``(config, state under transformers' keys without vision_model., what, config name)`` of either format."""
+    openclip = weights.openclip_files(folder)
+    if openclip is None:
+        state = weights.load_state_dict(folder)
+        return (CLIPVisionConfig.from_dict(weights.read_config(folder)),
+                {key.removeprefix("vision_model."): value for key, value in state.items()},
+                "CLIP vision encoder", "config.json")
+    weights_file, config_file = openclip
+    config = CLIPVisionConfig.from_openclip(weights.read_config(config_file.parent, config_file.name))
+    return (config, openclip_vision_state(weights.read_safetensors(weights_file)),
+            "OpenCLIP vision encoder (its visual.* keys in transformers' names)", config_file.name)
+
+
+def load_clip_vision(folder: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, *,
+                     with_projection: bool = False) -> tuple[CLIPVisionTransformer, dict]:
+    """Loads a CLIP vision tower: a ``CLIPVisionModel[WithProjection]`` or full ``CLIPModel``
+    folder, or an OpenCLIP checkpoint (:func:`e4t_jax.weights.openclip_files`: a folder with
+    ``open_clip_config.json`` and ``open_clip_model.safetensors``, or one such file).
+
+    transformers' keys are accepted with or without the ``vision_model.`` prefix; the text
+    tower, ``logit_scale``, ``position_ids`` and (unless ``with_projection``) the
+    projection are ignored. OpenCLIP keys are mapped by :func:`openclip_vision_state`.
+
+    Args:
+      with_projection: also load the projection to the joint image-text space
+        (``visual_projection``, OpenCLIP's ``visual.proj``); the module returns ``image_embeds``.
 
     Returns:
       ``(module, params)``: the module computes in ``dtype``; params are ``param_dtype``.
+
+    Raises:
+      CheckpointError: missing, unexpected or mis-shaped keys, an unsupported OpenCLIP
+        tower, or pickle weights.
     """
-    config = CLIPVisionConfig.from_dict(weights.read_config(folder))
-    module = CLIPVisionTransformer(config, dtype=dtype)
+    config, state, what, config_name = _vision_checkpoint(Path(folder))
+    module = CLIPVisionTransformer(config, dtype=dtype, with_projection=with_projection)
     pixels = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
     abstract = jax.eval_shape(module.init, jax.random.key(0), pixels)["params"]
-    state = weights.load_state_dict(folder)
-    params = weights.state_dict_to_params(
-        state, abstract, dtype=param_dtype, prefix=_prefix(state, "vision_model."),
-        ignore=_IGNORED + (r"^text_model\.",), what="CLIP vision encoder")
+    params = weights.state_dict_to_params(state, abstract, dtype=param_dtype, ignore=_IGNORED + (r"^text_model\.",),
+                                          what=what, config_name=config_name)
     return module, params
