@@ -53,7 +53,7 @@ def _finish(process: subprocess.Popen) -> str:
 
 
 def _device0_mib(stderr: str) -> float:
-    return float(re.search(r"device 0 holds ([\d.]+) MiB", stderr).group(1))
+    return float(re.search(r"first local device holds ([\d.]+) MiB", stderr).group(1))
 
 
 def test_fsdp_splits_what_device_0_holds(tiny_model_dir, images, tmp_path):

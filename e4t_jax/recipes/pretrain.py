@@ -181,8 +181,11 @@ class SampleWriter:
         if step % self.every:
             return
         params = parallel.fetch(state.params)
-        if jax.process_index() != 0:
-            return
+        if jax.process_index() == 0:
+            self.write(step, params)
+        parallel.barrier(f"e4t-samples-{step}")  # the others wait while process 0 samples
+
+    def write(self, step: int, params: model_lib.E4TParams) -> None:
         from PIL import Image
 
         e, frozen = self.e, self.frozen
@@ -232,8 +235,9 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     sample_frozen = frozen if jax.process_count() == 1 else e.frozen
     # The mesh now holds the only device copies (no whole one beside the shards on device 0).
     e = dataclasses.replace(e, frozen=frozen, params=None)
-    log.info("device 0 holds %.1f MiB of train state and frozen weights",
-             parallel.device_bytes(mesh.devices.flat[0]) / 2**20)
+    first_local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    log.info("the first local device holds %.1f MiB of train state and frozen weights",
+             parallel.device_bytes(first_local) / 2**20)
 
     per_host = train.batch_size // jax.process_count()
     placeholder = config.e4t.model.placeholder

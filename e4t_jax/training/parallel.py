@@ -161,6 +161,7 @@ class JitDriver:
             in_shardings=(self.state_shardings, self.frozen_shardings, batch_sharding(mesh)),
             out_shardings=(self.state_shardings, replicated(mesh)),
             donate_argnums=(0,))
+        self._compiled = None
 
     def place_state(self, state: PyTree) -> PyTree:
         """Put the train state on the mesh with its shardings."""
@@ -174,8 +175,13 @@ class JitDriver:
         """One step on this host's numpy rows; ``state`` is donated (unusable afterwards).
 
         Returns the new state and the metrics as replicated ``jax.Array``s (not fetched).
+        The first call compiles, then waits for every process to have compiled too.
         """
-        return self._step(state, frozen, shard_batch(self.mesh, batch))
+        batch = shard_batch(self.mesh, batch)
+        if self._compiled is None:
+            self._compiled = self._step.lower(state, frozen, batch).compile()
+            barrier("e4t-jit-driver-compiled")
+        return self._compiled(state, frozen, batch)
 
 
 def fetch(tree: PyTree) -> PyTree:
@@ -189,6 +195,20 @@ def fetch(tree: PyTree) -> PyTree:
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process reaches the barrier ``name`` (unique per call); no-op on one.
+
+    A collective's first call gives the other processes 30 s to arrive (gloo's set-up),
+    less than one of them may spend compiling or sampling; this barrier of the
+    coordination service waits ``timeout_s``.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination service client (no public handle)
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
 
 
 def device_bytes(device) -> int:
