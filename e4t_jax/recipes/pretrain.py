@@ -7,9 +7,19 @@ the end the domain-encoder export that ``e4t-personalize --encoder`` loads.
 
 A run folder holds ``checkpoints/`` (params, optimizer state, step, input-pipeline
 position, and the :class:`PretrainConfig`), ``tb/`` and ``metrics.jsonl``,
-``samples/`` and finally ``encoder/``; the checkpoints may go elsewhere instead, such as a
-``gs://`` bucket (:attr:`RunOptions.checkpoints`). Resuming checks that the saved config equals
-this run's, except the number of steps.
+``samples/`` (sample grids, also in TensorBoard) and finally ``encoder/``; the checkpoints
+may go elsewhere instead, such as a ``gs://`` bucket (:attr:`RunOptions.checkpoints`).
+
+Resuming continues the stored run: :func:`stored_config` reads its config, and
+:func:`check` refuses a config that differs from it (:func:`conflicts`; ``train.steps``
+may grow), or only warns with :attr:`RunOptions.override`. The command line starts from
+the stored config, so omitted flags keep their stored values.
+
+Counting: ``train.steps`` (and the warm-up, the cadences and the checkpoint steps)
+counts optimizer steps, and ``train.batch_size`` is the global batch of one step, with
+or without gradient accumulation (:attr:`RunOptions.grad_accum` micro-batches of
+``batch_size / grad_accum`` each, inside the step); changing ``grad_accum`` on a resume
+changes memory use, not the run.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import functools
 import logging
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +101,12 @@ class RunOptions:
       log_every, save_every, keep: metrics cadence, checkpoint cadence, checkpoints kept.
       sample_every: write a sample grid every N steps (0: never).
       variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
+      override: resume even if the config differs from the stored one (a warning, not an error).
+      grad_accum: split every step's batch into this many micro-batches, run one after
+        the other (the memory of a smaller batch, the update of the whole one).
+      export_ema: export the EMA of the weights (``train.ema_decay``) instead of the last
+        weights; the sample grids show what will be exported.
+      workers: data-loading worker processes (grain); 0 loads in this process.
     """
 
     out: Path
@@ -104,6 +121,10 @@ class RunOptions:
     keep: int = 3
     sample_every: int = 0
     variant: str | None = None
+    override: bool = False
+    grad_accum: int = 1
+    export_ema: bool = False
+    workers: int = 0
 
     def checkpoint_dir(self) -> str:
         """The checkpoint folder or URL, absolute."""
@@ -117,17 +138,58 @@ def templates(config: PretrainConfig) -> list[str]:
     return data.templates_for_domain(config.e4t.model.domain_word)
 
 
-def check(config: PretrainConfig, options: RunOptions) -> None:
+def stored_config(options: RunOptions) -> PretrainConfig | None:
+    """The config of the latest checkpoint in ``options.checkpoint_dir()``, or None when there is none.
+
+    Fields that did not exist when it was written take their defaults.
+    """
+    checkpoints = epath.Path(options.checkpoint_dir())
+    if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return None
+    manager = checkpoint.open_manager(options.checkpoint_dir())
+    try:
+        return config_lib.from_dict(PretrainConfig, checkpoint.read_config(manager))
+    finally:
+        manager.close()
+
+
+def _field(config: Any, path: str) -> Any:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def conflicts(stored: PretrainConfig, config: PretrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(dotted path, stored value, given value)`` where ``config`` differs from ``stored``.
+
+    More ``train.steps`` than stored is no conflict.
+    """
+    paths = config_lib.differences(config_lib.to_dict(stored), config_lib.to_dict(config))
+    return [(path, _field(stored, path), _field(config, path)) for path in paths
+            if not (path == "train.steps" and config.train.steps > stored.train.steps)]
+
+
+def check(config: PretrainConfig, options: RunOptions, names: Mapping[str, str] | None = None) -> None:
     """Fails fast, before any model is loaded, on inputs that cannot work.
 
+    Args:
+      names: how the message calls a config field (e.g. ``{"train.optimizer.lr": "--lr"}``);
+        by default its dotted path.
+
     Raises:
-      UserError: bad cadences or templates, an ``out`` that holds what a run does not
-        write or overlaps an input, checkpoints in ``out`` without ``resume``, or a resume
-        with another config (only ``train.steps`` may change).
+      UserError: bad cadences, accumulation or templates, ``export_ema`` without an EMA,
+        an ``out`` that holds what a run does not write or overlaps an input,
+        checkpoints in ``out`` without ``resume``, or a resume with another config
+        (:func:`conflicts`) without ``override``.
       FileNotFoundError: a missing or empty image folder.
     """
     if options.save_every < 1 or options.log_every < 1:
         raise UserError("--save-every and --log-every must be at least 1")
+    if options.grad_accum < 1 or config.train.batch_size % options.grad_accum:
+        raise UserError(f"--batch-size {config.train.batch_size} is not a multiple of --grad-accum "
+                        f"{options.grad_accum}")
+    if options.export_ema and config.train.ema_decay is None:
+        raise UserError("--export-ema needs an EMA: pass --ema DECAY")
     if not config.data.root:
         raise UserError("no image folder: pass --data")
     files.check_folder(options.out, RUN_ENTRIES, "e4t-pretrain",
@@ -137,30 +199,43 @@ def check(config: PretrainConfig, options: RunOptions) -> None:
         templates(config)
     except ValueError as error:
         raise UserError(str(error)) from error
-    checkpoints = epath.Path(options.checkpoint_dir())
-    if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+    stored = stored_config(options)
+    if stored is None:
         return
     if not options.resume:
-        raise UserError(f"{checkpoints} already holds checkpoints; pass --resume to continue, or another --out")
-    manager = checkpoint.open_manager(options.checkpoint_dir())
-    saved = checkpoint.read_config(manager)
-    manager.close()
-    changed = [path for path in config_lib.differences(saved, config_lib.to_dict(config)) if path != "train.steps"]
-    if changed:
-        raise UserError(f"{checkpoints} was trained with another config ({', '.join(changed)} differ); "
-                        "resume with the same options (only --steps may change), or start a new --out")
+        raise UserError(f"{options.checkpoint_dir()} already holds checkpoints; pass --resume to continue, "
+                        "or another --out")
+    names = names or {}
+    differences = dict.fromkeys(f"{names.get(path, path)}: stored {a}, given {b}"
+                                for path, a, b in conflicts(stored, config))  # one line per flag
+    if not differences:
+        return
+    message = f"{options.checkpoint_dir()} was trained with another config: {'; '.join(differences)}"
+    if options.override:
+        log.warning("%s (--override: the given values win)", message)
+    else:
+        raise UserError(f"{message}; omit these flags to keep the stored values, pass --override to change them, "
+                        "or start a new --out")
+
+
+def exported_params(state: steps.TrainState, options: RunOptions) -> model_lib.E4TParams:
+    """What the run exports (and samples): the EMA with ``options.export_ema``, else the params."""
+    return state.ema if options.export_ema else state.params
 
 
 class SampleWriter:
     """Grids of a held-out image and 3 prompts with ``S*`` from the current encoder.
 
-    The embedding function and the sampling program are compiled once, on the first grid.
+    Each grid (uint8 ``[2 size, 2 size, 3]``) goes to ``out/STEP.png`` and to TensorBoard
+    (``samples/grid``). The embedding function and the sampling program are compiled once,
+    on the first grid.
     """
 
     PROMPTS = ("a photo of {}", "an oil painting of {}", "{} on the beach")
 
-    def __init__(self, e: model_lib.E4T, image: np.ndarray, size: int, every: int, out: Path, seed: int):
-        self.e, self.every, self.out, self.seed = e, every, out, seed
+    def __init__(self, e: model_lib.E4T, image: np.ndarray, size: int, every: int, out: Path, seed: int,
+                 metrics: loop.MetricsLog, options: RunOptions):
+        self.e, self.every, self.out, self.seed, self.metrics, self.options = e, every, out, seed, metrics, options
         self.pixels = data.center_crop_resize(image, size)
         self.embed = jax.jit(functools.partial(model_lib.embed_image, e.model))
         self.generator = pipeline.Generator(e.sd)
@@ -172,7 +247,7 @@ class SampleWriter:
             return
         from PIL import Image
 
-        e, params = self.e, jax.device_get(state.params)
+        e, params = self.e, jax.device_get(exported_params(state, self.options))
         embedding = np.asarray(self.embed(params, e.frozen, self.pixels[None])[0])
         concept = concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, embedding, params.offsets,
                                       e.config, header={})
@@ -182,6 +257,7 @@ class SampleWriter:
         path = self.out / f"{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(path)
+        self.metrics.image(step, "samples/grid", grid)
 
 
 def _devices(devices_per_host: int | None) -> list:
@@ -206,13 +282,14 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     log.info("%s (loaded in %.1fs)", e.describe(), time.perf_counter() - start)
 
     devices, train = _devices(options.devices_per_host), config.train
-    if train.batch_size % len(devices):
-        raise UserError(f"--batch-size {train.batch_size} is not a multiple of the {len(devices)} devices")
+    if train.batch_size % (len(devices) * options.grad_accum):
+        raise UserError(f"--batch-size {train.batch_size} is not a multiple of the {len(devices)} devices "
+                        f"times --grad-accum {options.grad_accum}")
     mesh = parallel.make_mesh(data=len(devices) // options.fsdp, fsdp=options.fsdp, devices=devices)
-    optimizer = steps.make_optimizer(train.optimizer)
-    state = steps.TrainState.create(e.params, optimizer, jax.random.PRNGKey(train.seed))
+    optimizer = steps.make_optimizer(train.optimizer, train.steps)
+    state = steps.TrainState.create(e.params, optimizer, jax.random.PRNGKey(train.seed), ema_decay=train.ema_decay)
     step_fn = functools.partial(steps.train_step, loss_fn=functools.partial(model_lib.loss, model=e.model),
-                                optimizer=optimizer)
+                                optimizer=optimizer, grad_accum=options.grad_accum)
     driver = parallel.JitDriver(step_fn, mesh, jax.eval_shape(lambda: state), jax.eval_shape(lambda: e.frozen),
                                 fsdp=options.fsdp > 1)
     state, frozen = driver.place_state(state), driver.place_frozen(e.frozen)
@@ -222,7 +299,7 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     dataset = data.make_dataset(config.data.root, size=size, batch_size=per_host, seed=train.seed,
                                 templates=templates(config), placeholder=placeholder,
                                 crop_scale=config.data.crop_scale, flip=config.data.flip,
-                                captions=config.data.captions,
+                                captions=config.data.captions, workers=options.workers,
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
     manager = checkpoint.open_manager(options.checkpoint_dir(), max_to_keep=options.keep,
                                       save_every=options.save_every)
@@ -241,19 +318,25 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
                    "index": np.arange(offset, offset + per_host, dtype=np.int32)}
             step += 1
 
+    metrics = loop.MetricsLog(options.out, jax.process_index() == 0)
     hooks = []
     if options.sample_every and jax.process_index() == 0:
         first_image = data.load_image(data.list_images(config.data.root)[0])
-        hooks.append(SampleWriter(e, first_image, size, options.sample_every, options.out / "samples", train.seed))
+        hooks.append(SampleWriter(e, first_image, size, options.sample_every, options.out / "samples", train.seed,
+                                  metrics, options))
     try:
         state = loop.run(driver, state, frozen, host_batches(int(state.step)), steps=train.steps,
                          global_batch_size=train.batch_size, manager=manager,
                          data_state=lambda: data.dataset_state(dataset), config=config_lib.to_dict(config),
-                         out=options.out, log_every=options.log_every, on_step=hooks)
+                         metrics_log=metrics, log_every=options.log_every, on_step=hooks)
     except FloatingPointError as error:
         raise UserError(f"{error}; lower --lr or raise --warmup and --resume") from error
+    finally:
+        metrics.close()
     encoder_dir = options.out / "encoder"
     if jax.process_index() == 0:
-        export_encoder(e, encoder_dir, jax.device_get(state.params), pretrained_steps=int(state.step))
-        log.info("domain encoder (step %d) written to %s", int(state.step), encoder_dir)
+        export_encoder(e, encoder_dir, jax.device_get(exported_params(state, options)),
+                       pretrained_steps=int(state.step))
+        log.info("domain encoder (step %d%s) written to %s", int(state.step),
+                 ", EMA" if options.export_ema else "", encoder_dir)
     return encoder_dir
