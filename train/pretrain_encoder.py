@@ -11,7 +11,7 @@ Every ``--save-every`` steps an orbax checkpoint (trainable params, optimizer st
 EMA, step, input-pipeline position, config) lands in ``OUT/checkpoints``; ``--resume``
 continues exactly: every config flag not given takes the checkpoint's value (the
 preset is not read), and one given with another value is refused, listing each
-difference, unless ``--override`` (only ``--steps`` may always grow). Steps, warm-up,
+difference, unless ``--override`` (``--steps`` may always change, to grow the run). Steps, warm-up,
 cadences and checkpoints count optimizer steps; ``--batch-size`` is the batch of one
 step, also with ``--grad-accum N`` (N micro-batches per step, less memory; it may
 change on a resume). Metrics go to TensorBoard (``OUT/tb``) and ``OUT/metrics.jsonl``,

@@ -12,7 +12,7 @@ may go elsewhere instead, such as a ``gs://`` bucket (:attr:`RunOptions.checkpoi
 
 Resuming continues the stored run: :func:`stored_config` reads its config, and
 :func:`check` refuses a config that differs from it (:func:`conflicts`; ``train.steps``
-may grow), or only warns with :attr:`RunOptions.override`. The command line starts from
+may change), or only warns with :attr:`RunOptions.override`. The command line starts from
 the stored config, so omitted flags keep their stored values.
 
 Counting: ``train.steps`` (and the warm-up, the cadences and the checkpoint steps)
@@ -162,11 +162,10 @@ def _field(config: Any, path: str) -> Any:
 def conflicts(stored: PretrainConfig, config: PretrainConfig) -> list[tuple[str, Any, Any]]:
     """``(dotted path, stored value, given value)`` where ``config`` differs from ``stored``.
 
-    More ``train.steps`` than stored is no conflict.
+    ``train.steps`` is no conflict: a run may grow to continue (or end where it is).
     """
     paths = config_lib.differences(config_lib.to_dict(stored), config_lib.to_dict(config))
-    return [(path, _field(stored, path), _field(config, path)) for path in paths
-            if not (path == "train.steps" and config.train.steps > stored.train.steps)]
+    return [(path, _field(stored, path), _field(config, path)) for path in paths if path != "train.steps"]
 
 
 def check(config: PretrainConfig, options: RunOptions, names: Mapping[str, str] | None = None) -> None:

@@ -54,9 +54,9 @@ class TrainState(flax.struct.PyTreeNode):
     @classmethod
     def create(cls, params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array,
                ema_decay: float | None = None) -> "TrainState":
-        """Step 0; the EMA (with ``ema_decay``) starts at ``params``."""
+        """Step 0; the EMA (with ``ema_decay``) starts at a copy of ``params`` (own buffers: the state is donated)."""
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng,
-                   ema=None if ema_decay is None else params, ema_decay=ema_decay)
+                   ema=None if ema_decay is None else jax.tree.map(jnp.copy, params), ema_decay=ema_decay)
 
 
 def learning_rate(config: OptimizerConfig, steps: int | None = None) -> float | optax.Schedule:
