@@ -166,12 +166,13 @@ def test_training_features_and_a_resume_with_the_stored_config(tiny_model_dir, i
     assert "--lr: stored 0.001, given 3e-05; omit these flags" in conflict.stderr.strip().splitlines()[-1]
 
     resumed = _cli("--model", tiny_model_dir, "--data", image_folder, "--resume", "--steps", "3", "--export-ema",
-                   "--out", out)  # --grad-accum back to 1: memory only
+                   "--out", out)  # --grad-accum back to 1 (memory only); the stored --workers 2
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 2" in resumed.stderr
     stored = json.loads((out / "checkpoints" / "3" / "config" / "metadata").read_text())
     assert stored["e4t"]["model"]["domain_word"] == "cat" and stored["train"]["ema_decay"] == 0.5
     assert stored["train"]["optimizer"]["schedule"] == "cosine" and stored["train"]["steps"] == 3
+    assert stored["data"]["workers"] == 2
 
     head, _, config = load_encoder(out / "encoder", expected=None)
     assert config["e4t"]["encoder"]["hidden_dim"] == 32 and config["pretrained_steps"] == 3
@@ -180,3 +181,40 @@ def test_training_features_and_a_resume_with_the_stored_config(tiny_model_dir, i
     for a, b, c in zip(exported, ema, params):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(np.asarray(a), np.asarray(c)) for a, c in zip(exported, params))
+
+
+def test_resume_check_lists_conflicts_overrides_and_reads_old_configs(image_folder, tmp_path, caplog):
+    """No model: a checkpoint of a config without the newer fields, checked against configs."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import pytest
+
+    from e4t_jax import config as config_lib
+    from e4t_jax.errors import UserError
+    from e4t_jax.recipes import pretrain
+    from e4t_jax.training import checkpoint
+    from train.pretrain_encoder import FLAG_NAMES
+
+    config = pretrain.PRESETS["tiny"]
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(image_folder)))
+    old = config_lib.to_dict(config)
+    del old["train"]["ema_decay"], old["train"]["optimizer"]["schedule"]  # as written before they existed
+    options = pretrain.RunOptions(out=tmp_path / "run", resume=True)
+    manager = checkpoint.open_manager(options.checkpoint_dir(), async_save=False)
+    checkpoint.save(manager, 1, train_state={"step": jnp.ones((), jnp.int32)}, config=old, force=True)
+    manager.close()
+
+    assert pretrain.stored_config(options) == config
+    pretrain.check(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=1)), options)
+    changed = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, ema_decay=0.9, optimizer=dataclasses.replace(config.train.optimizer, lr=3e-5)))
+    with pytest.raises(UserError, match="--ema: stored None, given 0.9; --lr: stored 0.001, given 3e-05; omit"):
+        pretrain.check(changed, options, names=FLAG_NAMES)
+    with caplog.at_level("WARNING", logger="e4t.pretrain"):
+        pretrain.check(changed, dataclasses.replace(options, override=True))
+    assert "train.optimizer.lr: stored 0.001, given 3e-05" in caplog.text and "--override" in caplog.text
+    with pytest.raises(UserError, match="--export-ema needs an EMA"):
+        pretrain.check(config, dataclasses.replace(options, export_ema=True))
+    with pytest.raises(UserError, match="not a multiple of --grad-accum 3"):
+        pretrain.check(config, dataclasses.replace(options, grad_accum=3))

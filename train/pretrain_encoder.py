@@ -63,6 +63,7 @@ CONFIG_FLAGS = {
     "data": ("data.root",),
     "size": ("data.size",),
     "captions": ("data.captions",),
+    "workers": ("data.workers",),
 }
 FLAG_NAMES = {path: "--" + flag.replace("_", "-") for flag, paths in CONFIG_FLAGS.items() for path in paths}
 
@@ -70,6 +71,7 @@ FLAG_NAMES = {path: "--" + flag.replace("_", "-") for flag, paths in CONFIG_FLAG
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from e4t_jax.recipes.pretrain import PRESETS, RunOptions
     from e4t_jax.training.config import SCHEDULES, OptimizerConfig
+    from e4t_jax.training.data import DataConfig
 
     p = cli.ArgumentParser(prog="e4t-pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for the options below")
@@ -108,8 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip-norm", type=cli.number(0, above=True), default=None,
                    help="gradient clipping (global norm)")
     p.add_argument("--size", type=cli.PIXELS, default=None, help="training resolution (default: the model's)")
-    p.add_argument("--workers", type=cli.NON_NEGATIVE, default=RunOptions.workers,
-                   help="data-loading worker processes (0: load in this process)")
+    p.add_argument("--workers", type=cli.NON_NEGATIVE, default=None,
+                   help=f"data-loading worker processes (default {DataConfig.workers}: load in this process)")
     p.add_argument("--remat", action="store_true", help="recompute U-Net blocks in the backward pass (less memory)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=RunOptions.dtype, help="compute dtype")
     p.add_argument("--devices-per-host", type=cli.POSITIVE, default=None, help="use only this many local devices")
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                   devices_per_host=args.devices_per_host, fsdp=args.fsdp, log_every=args.log_every,
                                   save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
                                   variant=args.variant, override=args.override, grad_accum=args.grad_accum,
-                                  export_ema=args.export_ema, workers=args.workers)
+                                  export_ema=args.export_ema)
     stored = pretrain.stored_config(options) if args.resume else None
     if stored is None and missing_flags(args):
         raise UserError(f"{missing_flags(args)}: --resume found no checkpoint in {options.checkpoint_dir()}")

@@ -106,7 +106,6 @@ class RunOptions:
         the other (the memory of a smaller batch, the update of the whole one).
       export_ema: export the EMA of the weights (``train.ema_decay``) instead of the last
         weights; the sample grids show what will be exported.
-      workers: data-loading worker processes (grain); 0 loads in this process.
     """
 
     out: Path
@@ -124,7 +123,6 @@ class RunOptions:
     override: bool = False
     grad_accum: int = 1
     export_ema: bool = False
-    workers: int = 0
 
     def checkpoint_dir(self) -> str:
         """The checkpoint folder or URL, absolute."""
@@ -298,7 +296,7 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     dataset = data.make_dataset(config.data.root, size=size, batch_size=per_host, seed=train.seed,
                                 templates=templates(config), placeholder=placeholder,
                                 crop_scale=config.data.crop_scale, flip=config.data.flip,
-                                captions=config.data.captions, workers=options.workers,
+                                captions=config.data.captions, workers=config.data.workers,
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
     manager = checkpoint.open_manager(options.checkpoint_dir(), max_to_keep=options.keep,
                                       save_every=options.save_every)
