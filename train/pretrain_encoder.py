@@ -25,10 +25,9 @@ run folder of e4t-pretrain. Multi-host: on a Cloud TPU pod nothing is needed; el
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import logging
 from pathlib import Path
-from typing import Any
 
 from e4t_jax import cli
 from e4t_jax.errors import UserError
@@ -148,30 +147,25 @@ def missing_flags(args: argparse.Namespace) -> str | None:
     return f"missing {', '.join('--' + m.replace('_', '-') for m in missing)} (or pass --preset)" if missing else None
 
 
-def _with(config: Any, path: str, value: Any) -> Any:
-    """``config`` with the field at dotted ``path`` set to ``value`` (frozen dataclasses)."""
-    name, _, rest = path.partition(".")
-    return dataclasses.replace(config, **{name: _with(getattr(config, name), rest, value) if rest else value})
-
-
-def _config_value(value: Any) -> Any:
-    """A parsed flag as a config value: paths as strings, lists as tuples."""
-    return str(value) if isinstance(value, Path) else tuple(value) if isinstance(value, list) else value
-
-
 def build_config(args: argparse.Namespace, stored=None):
     """The run's :class:`e4t_jax.recipes.pretrain.PretrainConfig`: the given flags over a base.
 
     The base is ``stored`` (a resumed run's config), else the preset, else the defaults.
+    The flags are set in the base's dict, so the config is checked once, with all of them.
+
+    Raises:
+      ValueError: a config that cannot work (e.g. a decaying schedule's warm-up not below the steps).
     """
+    from e4t_jax import config as config_lib
     from e4t_jax.recipes.pretrain import PRESETS, PretrainConfig
 
-    config = stored or (PRESETS[args.preset] if args.preset else PretrainConfig())
+    tree = config_lib.to_dict(stored or (PRESETS[args.preset] if args.preset else PretrainConfig()))
     for flag, paths in CONFIG_FLAGS.items():
-        if getattr(args, flag) is not None:
-            for path in paths:
-                config = _with(config, path, _config_value(getattr(args, flag)))
-    return config
+        value = getattr(args, flag)
+        for path in paths if value is not None else ():
+            *parents, name = path.split(".")
+            functools.reduce(dict.__getitem__, parents, tree)[name] = str(value) if isinstance(value, Path) else value
+    return config_lib.from_dict(PretrainConfig, tree)
 
 
 @cli.main_wrapper
