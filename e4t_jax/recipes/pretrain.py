@@ -5,7 +5,7 @@ training pieces: the jit driver over a ``(data, fsdp)`` mesh, the grain pipeline
 this host's share of the images, the loop with orbax checkpoints and metrics, and at
 the end the domain-encoder export that ``e4t-personalize --encoder`` loads.
 
-A run folder holds ``checkpoints/`` (params, optimizer state, step, input-pipeline
+A run folder holds ``checkpoints/`` (params, optimizer state, EMA, step, input-pipeline
 position, and the :class:`PretrainConfig`), ``tb/`` and ``metrics.jsonl``,
 ``samples/`` (sample grids, also in TensorBoard) and finally ``encoder/``; the checkpoints
 may go elsewhere instead, such as a ``gs://`` bucket (:attr:`RunOptions.checkpoints`).
