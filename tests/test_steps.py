@@ -2,10 +2,12 @@
 import functools
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from e4t_jax.training import checkpoint, steps
@@ -94,11 +96,18 @@ def test_the_ema_is_checkpointed_and_a_state_without_one_still_restores(tmp_path
     restored, _, _ = checkpoint.restore(manager, abstract_state=abstract)
     np.testing.assert_array_equal(restored.ema["w"], with_ema.ema["w"])
 
-    # A train state as saved before the EMA existed: no "ema" entry.
+    # A train state as e4t-jax saved it before the EMA existed: the dataclass itself, with no "ema".
+    class OldTrainState(flax.struct.PyTreeNode):
+        step: jax.Array
+        params: dict
+        opt_state: optax.OptState
+        rng: jax.Array
+
     without, _, _ = _run(optimizer, 2, grad_accum=1)
-    old = {"step": without.step, "params": without.params, "opt_state": without.opt_state, "rng": without.rng}
+    old = OldTrainState(without.step, without.params, without.opt_state, without.rng)
     manager = checkpoint.open_manager(tmp_path / "old", async_save=False)
-    checkpoint.save(manager, 2, train_state=old, config={}, force=True)
+    manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(old), data=ocp.args.JsonSave(
+        {"per_process": [{"json": None}]}), config=ocp.args.JsonSave({})), force=True)
     abstract = jax.eval_shape(lambda: steps.TrainState.create(_params(), optimizer, jax.random.key(0)))
     restored, _, _ = checkpoint.restore(manager, abstract_state=abstract)
     assert restored.ema is None and int(restored.step) == 2
