@@ -243,15 +243,15 @@ def test_random_access_source():
 
 
 def test_worker_processes_same_data_and_resume(folder):
-    """Decoding in a grain worker process changes neither the data nor the resume."""
+    """Decoding in grain worker processes (``e4t-pretrain --workers 2``) changes neither the data nor the resume."""
     expected = _take(_dataset(folder), 4)
-    iterator = _dataset(folder, workers=1)
+    iterator = _dataset(folder, workers=2)
     try:
         _assert_same_batches(expected[:2], _take(iterator, 2))
         state = json.loads(json.dumps(data.dataset_state(iterator)))
     finally:
         iterator.close()
-    fresh = _dataset(folder, workers=1)
+    fresh = _dataset(folder, workers=2)
     try:
         data.restore_dataset_state(fresh, state)
         _assert_same_batches(expected[2:], _take(fresh, 2))

@@ -101,3 +101,35 @@ def test_two_processes_match_single_device(runs):
         for run in ("jit", "fsdp", "pmap"):
             _assert_params_close(host[run]["params"], reference)
         assert host["jit"]["traces"] == 1 and host["jit"]["donated"]
+
+
+@pytest.mark.parametrize("environ, pod", [
+    ({}, False),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-n-0"}, False),  # a single-host TPU VM
+    ({"TPU_WORKER_HOSTNAMES": "t1v-n-0,t1v-n-1,t1v-n-2,t1v-n-3"}, True),
+    ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, True),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1:8080", "TPU_WORKER_HOSTNAMES": "t1v-n-0"}, True),
+    ({"MEGASCALE_NUM_SLICES": "2"}, True),
+    ({"MEGASCALE_NUM_SLICES": "1"}, False),
+])
+def test_cloud_tpu_pod_detection(environ, pod):
+    from e4t_jax.training import parallel
+
+    assert parallel.cloud_tpu_pod(environ) is pod
+
+
+def test_initialize_distributed_starts_itself_on_a_tpu_pod_only(monkeypatch):
+    import jax
+
+    from e4t_jax.training import parallel
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    for name in [k for k in os.environ if k.startswith(("JAX_", "TPU_", "MEGASCALE_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0")
+    assert parallel.initialize_distributed() is False and calls == []
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0,t1v-n-1")
+    assert parallel.initialize_distributed() is True
+    assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None}]

@@ -1,4 +1,5 @@
-"""e4t-pretrain end to end: real photos, a corrupt file, checkpoints, TensorBoard, resume after SIGKILL."""
+"""e4t-pretrain end to end: real photos, a corrupt file, checkpoints, TensorBoard, resume after SIGKILL,
+the training features (accumulation, schedule, EMA, workers) and a resume that takes the stored config."""
 import json
 import os
 import signal
@@ -24,12 +25,16 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def _pretrain(tiny_model_dir, image_folder, out, *extra, env_extra=None):
+def _cli(*argv, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
-    argv = [sys.executable, "-m", "train.pretrain_encoder", "--model", str(tiny_model_dir), "--data", str(image_folder),
-            "--domain-word", "face", "--steps", "6", "--batch-size", "2", "--lr", "1e-3", "--head-width", "32",
-            "--save-every", "3", "--log-every", "1", "--out", str(out), *extra]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "train.pretrain_encoder", *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _pretrain(tiny_model_dir, image_folder, out, *extra, env_extra=None):
+    return _cli("--model", tiny_model_dir, "--data", image_folder, "--domain-word", "face", "--steps", "6",
+                "--batch-size", "2", "--lr", "1e-3", "--head-width", "32", "--save-every", "3", "--log-every", "1",
+                "--out", out, *extra, env_extra=env_extra)
 
 
 def _metrics(out):
@@ -69,7 +74,7 @@ def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tiny_model_dir
     refused = _pretrain(tiny_model_dir, image_folder, out)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     other_config = _pretrain(tiny_model_dir, image_folder, out, "--resume", "--offset-rank", "2")
-    assert other_config.returncode == 2 and "offsets.rank differ" in other_config.stderr
+    assert other_config.returncode == 2 and "--offset-rank: stored 4, given 2" in other_config.stderr
     resumed = _pretrain(tiny_model_dir, image_folder, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 3" in resumed.stderr
@@ -122,3 +127,94 @@ def test_an_encoder_folder_of_version_0_1_loads(uninterrupted, tiny_model_dir, t
     assert jax.tree.structure(old.params) == jax.tree.structure(new.params)
     for a, b in zip(jax.tree.leaves(old.params), jax.tree.leaves(new.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _image_tags(tb_folder):
+    """The tags of the image summaries in a TensorBoard folder's event files."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = []
+    for path in tb_folder.glob("events.out.tfevents.*"):
+        raw, at = path.read_bytes(), 0
+        while at < len(raw):  # TFRecords: length, its crc, the event, its crc
+            (length,) = struct.unpack("<Q", raw[at:at + 8])
+            event = event_pb2.Event.FromString(raw[at + 12:at + 12 + length])
+            tags += [value.tag for value in event.summary.value if value.HasField("image")]
+            at += 16 + length
+    return tags
+
+
+def test_training_features_and_a_resume_with_the_stored_config(tiny_model_dir, image_folder, tmp_path):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from e4t_jax.files import load_encoder
+
+    out = tmp_path / "features"
+    first = _cli("--model", tiny_model_dir, "--data", image_folder, "--domain-word", "cat", "--steps", "2",
+                 "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup", "1",
+                 "--ema", "0.5", "--export-ema", "--head-width", "32", "--workers", "2", "--sample-every", "2",
+                 "--save-every", "1", "--out", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _image_tags(out / "tb") == ["samples/grid"]
+
+    # Omitted flags are not compared with the defaults (domain word "face", ...): only --lr conflicts.
+    conflict = _cli("--model", tiny_model_dir, "--data", image_folder, "--resume", "--lr", "3e-5", "--out", out)
+    assert conflict.returncode == 2
+    assert "--lr: stored 0.001, given 3e-05; omit these flags" in conflict.stderr.strip().splitlines()[-1]
+
+    resumed = _cli("--model", tiny_model_dir, "--data", image_folder, "--resume", "--steps", "3", "--export-ema",
+                   "--out", out)  # --grad-accum back to 1 (memory only); the stored --workers 2
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stderr
+    stored = json.loads((out / "checkpoints" / "3" / "config" / "metadata").read_text())
+    assert stored["e4t"]["model"]["domain_word"] == "cat" and stored["train"]["ema_decay"] == 0.5
+    assert stored["train"]["optimizer"]["schedule"] == "cosine" and stored["train"]["steps"] == 3
+    assert stored["data"]["workers"] == 2
+
+    head, _, config = load_encoder(out / "encoder", expected=None)
+    assert config["e4t"]["encoder"]["hidden_dim"] == 32 and config["pretrained_steps"] == 3
+    state = ocp.StandardCheckpointer().restore(out / "checkpoints" / "3" / "state")
+    exported, ema, params = (jax.tree.leaves(tree) for tree in (head, state["ema"]["head"], state["params"]["head"]))
+    for a, b, c in zip(exported, ema, params):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(c)) for a, c in zip(exported, params))
+
+
+def test_resume_check_lists_conflicts_overrides_and_reads_old_configs(image_folder, tmp_path, caplog):
+    """No model: a checkpoint of a config without the newer fields, checked against configs."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import pytest
+
+    from e4t_jax import config as config_lib
+    from e4t_jax.errors import UserError
+    from e4t_jax.recipes import pretrain
+    from e4t_jax.training import checkpoint
+    from train.pretrain_encoder import FLAG_NAMES
+
+    config = pretrain.PRESETS["tiny"]
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(image_folder)))
+    old = config_lib.to_dict(config)
+    del old["train"]["ema_decay"], old["train"]["optimizer"]["schedule"]  # as written before they existed
+    options = pretrain.RunOptions(out=tmp_path / "run", resume=True)
+    manager = checkpoint.open_manager(options.checkpoint_dir(), async_save=False)
+    checkpoint.save(manager, 1, train_state={"step": jnp.ones((), jnp.int32)}, config=old, force=True)
+    manager.close()
+
+    assert pretrain.stored_config(options) == config
+    pretrain.check(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=1)), options)
+    changed = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, ema_decay=0.9, optimizer=dataclasses.replace(config.train.optimizer, lr=3e-5)))
+    with pytest.raises(UserError, match="--ema: stored None, given 0.9; --lr: stored 0.001, given 3e-05; omit"):
+        pretrain.check(changed, options, names=FLAG_NAMES)
+    with caplog.at_level("WARNING", logger="e4t.pretrain"):
+        pretrain.check(changed, dataclasses.replace(options, override=True))
+    assert "train.optimizer.lr: stored 0.001, given 3e-05" in caplog.text and "--override" in caplog.text
+    with pytest.raises(UserError, match="--export-ema needs an EMA"):
+        pretrain.check(config, dataclasses.replace(options, export_ema=True))
+    with pytest.raises(UserError, match="not a multiple of --grad-accum 3"):
+        pretrain.check(config, dataclasses.replace(options, grad_accum=3))

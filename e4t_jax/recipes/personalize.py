@@ -94,7 +94,7 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None =
                  else data.templates_for_domain(config.domain_word))
     input_ids = e.tokenizer.encode(data.prompts_for(templates, config.placeholder, train.batch_size))
     trainable, frozen = e.split(tune_encoder)
-    optimizer = steps.make_optimizer(train.optimizer)
+    optimizer = steps.make_optimizer(train.optimizer, train.steps)
     trainable = jax.tree.map(jnp.array, trainable)  # a copy: the step donates the state, ``e`` keeps its params
     state = steps.TrainState.create(trainable, optimizer, jax.random.PRNGKey(train.seed))
     frozen = jax.device_put(frozen)

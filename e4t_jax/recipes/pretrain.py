@@ -5,11 +5,21 @@ training pieces: the jit driver over a ``(data, fsdp)`` mesh, the grain pipeline
 this host's share of the images, the loop with orbax checkpoints and metrics, and at
 the end the domain-encoder export that ``e4t-personalize --encoder`` loads.
 
-A run folder holds ``checkpoints/`` (params, optimizer state, step, input-pipeline
+A run folder holds ``checkpoints/`` (params, optimizer state, EMA, step, input-pipeline
 position, and the :class:`PretrainConfig`), ``tb/`` and ``metrics.jsonl``,
-``samples/`` and finally ``encoder/``; the checkpoints may go elsewhere instead, such as a
-``gs://`` bucket (:attr:`RunOptions.checkpoints`). Resuming checks that the saved config equals
-this run's, except the number of steps.
+``samples/`` (sample grids, also in TensorBoard) and finally ``encoder/``; the checkpoints
+may go elsewhere instead, such as a ``gs://`` bucket (:attr:`RunOptions.checkpoints`).
+
+Resuming continues the stored run: :func:`stored_config` reads its config, and
+:func:`check` refuses a config that differs from it (:func:`conflicts`; ``train.steps``
+may change), or only warns with :attr:`RunOptions.override`. The command line starts from
+the stored config, so omitted flags keep their stored values.
+
+Counting: ``train.steps`` (and the warm-up, the cadences and the checkpoint steps)
+counts optimizer steps, and ``train.batch_size`` is the global batch of one step, with
+or without gradient accumulation (:attr:`RunOptions.grad_accum` micro-batches of
+``batch_size / grad_accum`` each, inside the step); changing ``grad_accum`` on a resume
+changes memory use, not the run.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import functools
 import logging
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +103,11 @@ class RunOptions:
       log_every, save_every, keep: metrics cadence, checkpoint cadence, checkpoints kept.
       sample_every: write a sample grid every N steps (0: never).
       variant: the base model's weight files (``fp16``; :func:`e4t_jax.pipeline.load_model`).
+      override: resume even if the config differs from the stored one (a warning, not an error).
+      grad_accum: split every step's batch into this many micro-batches, run one after
+        the other (the memory of a smaller batch, the update of the whole one).
+      export_ema: export the EMA of the weights (``train.ema_decay``) instead of the last
+        weights; the sample grids show what will be exported.
     """
 
     out: Path
@@ -107,6 +123,9 @@ class RunOptions:
     keep: int = 3
     sample_every: int = 0
     variant: str | None = None
+    override: bool = False
+    grad_accum: int = 1
+    export_ema: bool = False
 
     def checkpoint_dir(self) -> str:
         """The checkpoint folder or URL, absolute."""
@@ -120,17 +139,57 @@ def templates(config: PretrainConfig) -> list[str]:
     return data.templates_for_domain(config.e4t.model.domain_word)
 
 
-def check(config: PretrainConfig, options: RunOptions) -> None:
+def stored_config(options: RunOptions) -> PretrainConfig | None:
+    """The config of the latest checkpoint in ``options.checkpoint_dir()``, or None when there is none.
+
+    Fields that did not exist when it was written take their defaults.
+    """
+    checkpoints = epath.Path(options.checkpoint_dir())
+    if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return None
+    manager = checkpoint.open_manager(options.checkpoint_dir())
+    try:
+        return config_lib.from_dict(PretrainConfig, checkpoint.read_config(manager))
+    finally:
+        manager.close()
+
+
+def _field(config: Any, path: str) -> Any:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def conflicts(stored: PretrainConfig, config: PretrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(dotted path, stored value, given value)`` where ``config`` differs from ``stored``.
+
+    ``train.steps`` is no conflict: a run may grow to continue (or end where it is).
+    """
+    paths = config_lib.differences(config_lib.to_dict(stored), config_lib.to_dict(config))
+    return [(path, _field(stored, path), _field(config, path)) for path in paths if path != "train.steps"]
+
+
+def check(config: PretrainConfig, options: RunOptions, names: Mapping[str, str] | None = None) -> None:
     """Fails fast, before any model is loaded, on inputs that cannot work.
 
+    Args:
+      names: how the message calls a config field (e.g. ``{"train.optimizer.lr": "--lr"}``);
+        by default its dotted path.
+
     Raises:
-      UserError: bad cadences or templates, an ``out`` that holds what a run does not
-        write or overlaps an input, checkpoints in ``out`` without ``resume``, or a resume
-        with another config (only ``train.steps`` may change).
+      UserError: bad cadences, accumulation or templates, ``export_ema`` without an EMA,
+        an ``out`` that holds what a run does not write or overlaps an input,
+        checkpoints in ``out`` without ``resume``, or a resume with another config
+        (:func:`conflicts`) without ``override``.
       FileNotFoundError: a missing or empty image folder.
     """
     if options.save_every < 1 or options.log_every < 1:
         raise UserError("--save-every and --log-every must be at least 1")
+    if options.grad_accum < 1 or config.train.batch_size % options.grad_accum:
+        raise UserError(f"--batch-size {config.train.batch_size} is not a multiple of --grad-accum "
+                        f"{options.grad_accum}")
+    if options.export_ema and config.train.ema_decay is None:
+        raise UserError("--export-ema needs an EMA: pass --ema DECAY")
     if not config.data.root:
         raise UserError("no image folder: pass --data")
     files.check_folder(options.out, RUN_ENTRIES, "e4t-pretrain",
@@ -140,26 +199,37 @@ def check(config: PretrainConfig, options: RunOptions) -> None:
         templates(config)
     except ValueError as error:
         raise UserError(str(error)) from error
-    checkpoints = epath.Path(options.checkpoint_dir())
-    if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+    stored = stored_config(options)
+    if stored is None:
         return
     if not options.resume:
-        raise UserError(f"{checkpoints} already holds checkpoints; pass --resume to continue, or another --out")
-    manager = checkpoint.open_manager(options.checkpoint_dir())
-    saved = checkpoint.read_config(manager)
-    manager.close()
-    changed = [path for path in config_lib.differences(saved, config_lib.to_dict(config)) if path != "train.steps"]
-    if changed:
-        raise UserError(f"{checkpoints} was trained with another config ({', '.join(changed)} differ); "
-                        "resume with the same options (only --steps may change), or start a new --out")
+        raise UserError(f"{options.checkpoint_dir()} already holds checkpoints; pass --resume to continue, "
+                        "or another --out")
+    names = names or {}
+    differences = dict.fromkeys(f"{names.get(path, path)}: stored {a}, given {b}"
+                                for path, a, b in conflicts(stored, config))  # one line per flag
+    if not differences:
+        return
+    message = f"{options.checkpoint_dir()} was trained with another config: {'; '.join(differences)}"
+    if options.override:
+        log.warning("%s (--override: the given values win)", message)
+    else:
+        raise UserError(f"{message}; omit these flags to keep the stored values, pass --override to change them, "
+                        "or start a new --out")
+
+
+def exported_params(state: steps.TrainState, options: RunOptions) -> model_lib.E4TParams:
+    """What the run exports (and samples): the EMA with ``options.export_ema``, else the params."""
+    return state.ema if options.export_ema else state.params
 
 
 class SampleWriter:
     """Grids of a held-out image and 3 prompts with ``S*`` from the current encoder.
 
     Called on every process (reading the trained params is a collective on multi-host
-    runs); process 0 samples, from ``frozen``, and writes the grid. The embedding
-    function and the sampling program are compiled once, on the first grid.
+    runs); process 0 samples, from ``frozen``, and writes the grid (uint8
+    ``[2 size, 2 size, 3]``) to ``out/STEP.png`` and to TensorBoard (``samples/grid``). The
+    embedding function and the sampling program are compiled once, on the first grid.
 
     Args:
       frozen: the frozen params to sample with: the run's own on one process, a host copy
@@ -169,8 +239,9 @@ class SampleWriter:
     PROMPTS = ("a photo of {}", "an oil painting of {}", "{} on the beach")
 
     def __init__(self, e: model_lib.E4T, frozen: model_lib.FrozenParams, image: np.ndarray, size: int, every: int,
-                 out: Path, seed: int):
+                 out: Path, seed: int, metrics: loop.MetricsLog, options: RunOptions):
         self.e, self.frozen, self.every, self.out, self.seed = e, frozen, every, out, seed
+        self.metrics, self.options = metrics, options
         self.pixels = data.center_crop_resize(image, size)
         self.embed = jax.jit(functools.partial(model_lib.embed_image, e.model))
         self.generator = pipeline.Generator(e.sd)
@@ -180,7 +251,7 @@ class SampleWriter:
     def __call__(self, step: int, state: steps.TrainState) -> None:
         if step % self.every:
             return
-        params = parallel.fetch(state.params)
+        params = parallel.fetch(exported_params(state, self.options))
         if jax.process_index() == 0:
             self.write(step, params)
         parallel.barrier(f"e4t-samples-{step}")  # the others wait while process 0 samples
@@ -198,6 +269,7 @@ class SampleWriter:
         path = self.out / f"{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(path)
+        self.metrics.image(step, "samples/grid", grid)
 
 
 def _devices(devices_per_host: int | None) -> list:
@@ -222,13 +294,14 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     log.info("%s (loaded in %.1fs)", e.describe(), time.perf_counter() - start)
 
     devices, train = _devices(options.devices_per_host), config.train
-    if train.batch_size % len(devices):
-        raise UserError(f"--batch-size {train.batch_size} is not a multiple of the {len(devices)} devices")
+    if train.batch_size % (len(devices) * options.grad_accum):
+        raise UserError(f"--batch-size {train.batch_size} is not a multiple of the {len(devices)} devices "
+                        f"times --grad-accum {options.grad_accum}")
     mesh = parallel.make_mesh(data=len(devices) // options.fsdp, fsdp=options.fsdp, devices=devices)
-    optimizer = steps.make_optimizer(train.optimizer)
-    state = steps.TrainState.create(e.params, optimizer, jax.random.PRNGKey(train.seed))
+    optimizer = steps.make_optimizer(train.optimizer, train.steps)
+    state = steps.TrainState.create(e.params, optimizer, jax.random.PRNGKey(train.seed), ema_decay=train.ema_decay)
     step_fn = functools.partial(steps.train_step, loss_fn=functools.partial(model_lib.loss, model=e.model),
-                                optimizer=optimizer)
+                                optimizer=optimizer, grad_accum=options.grad_accum)
     driver = parallel.JitDriver(step_fn, mesh, jax.eval_shape(lambda: state), jax.eval_shape(lambda: e.frozen),
                                 fsdp=options.fsdp > 1, min_fsdp_size=options.fsdp_min_size)
     state, frozen = driver.place_state(state), driver.place_frozen(e.frozen)
@@ -244,7 +317,7 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     dataset = data.make_dataset(config.data.root, size=size, batch_size=per_host, seed=train.seed,
                                 templates=templates(config), placeholder=placeholder,
                                 crop_scale=config.data.crop_scale, flip=config.data.flip,
-                                captions=config.data.captions,
+                                captions=config.data.captions, workers=config.data.workers,
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
     manager = checkpoint.open_manager(options.checkpoint_dir(), max_to_keep=options.keep,
                                       save_every=options.save_every)
@@ -263,22 +336,26 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
                    "index": np.arange(offset, offset + per_host, dtype=np.int32)}
             step += 1
 
+    metrics = loop.MetricsLog(options.out, jax.process_index() == 0)
     hooks = []
     if options.sample_every:
         first_image = data.load_image(data.list_images(config.data.root)[0])
         hooks.append(SampleWriter(e, sample_frozen, first_image, size, options.sample_every, options.out / "samples",
-                                  train.seed))
+                                  train.seed, metrics, options))
     try:
         state = loop.run(driver, state, frozen, host_batches(int(state.step)), steps=train.steps,
                          global_batch_size=train.batch_size, manager=manager,
                          data_state=lambda: data.dataset_state(dataset), config=config_lib.to_dict(config),
-                         out=options.out, log_every=options.log_every, on_step=hooks)
+                         metrics_log=metrics, log_every=options.log_every, on_step=hooks)
     except FloatingPointError as error:
         raise UserError(f"{error}; lower --lr or raise --warmup and --resume") from error
+    finally:
+        metrics.close()
     encoder_dir = options.out / "encoder"
     # On every process: fetching split params is a collective, and orbax's save synchronizes
     # the processes (process 0 writes).
-    export_encoder(e, encoder_dir, parallel.fetch(state.params), pretrained_steps=int(state.step))
+    export_encoder(e, encoder_dir, parallel.fetch(exported_params(state, options)), pretrained_steps=int(state.step))
     if jax.process_index() == 0:
-        log.info("domain encoder (step %d) written to %s", int(state.step), encoder_dir)
+        log.info("domain encoder (step %d%s) written to %s", int(state.step),
+                 ", EMA" if options.export_ema else "", encoder_dir)
     return encoder_dir

@@ -2,9 +2,12 @@
 
 A training checkpoint step holds three items (``ocp.args.Composite``):
 
-- ``state``: the train state pytree (trainable params, optimizer state, step, rng),
-  arrays written in parallel by every host, restored onto the shardings of an
-  abstract target (``jax.ShapeDtypeStruct`` with ``.sharding``);
+- ``state``: the train state pytree (trainable params, optimizer state, step, rng,
+  optionally the EMA), arrays written in parallel by every host, restored onto the
+  shardings of an abstract target (``jax.ShapeDtypeStruct`` with ``.sharding``). A
+  dataclass state is stored as a dict of its fields, without those that are None, so
+  an optional field (``TrainState.ema``) may be added without breaking older
+  checkpoints;
 - ``data``: the input iterator state of every process (JSON; see
   :func:`e4t_jax.training.data.dataset_state`), gathered across processes at save;
 - ``config``: the run's configuration (JSON; :func:`e4t_jax.config.to_dict` of its
@@ -17,6 +20,7 @@ Saves are asynchronous by default: call ``manager.wait_until_finished()`` (or
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 from typing import Any
@@ -73,6 +77,14 @@ def _gather_from_processes(value: Any) -> list[Any]:
     return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(rows, lengths)]
 
 
+def _entries(state: PyTree) -> PyTree:
+    """What a checkpoint stores of ``state``: a dataclass's array fields that are not None, as a dict."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.metadata.get("pytree_node", True) and getattr(state, f.name) is not None}
+
+
 def save(manager: ocp.CheckpointManager, step: int, *, train_state: PyTree, data_state: Any = None,
          config: dict[str, Any], force: bool = False) -> bool:
     """Saves one step (asynchronously when the manager is async); every process calls it.
@@ -90,7 +102,7 @@ def save(manager: ocp.CheckpointManager, step: int, *, train_state: PyTree, data
     """
     data = {"per_process": _gather_from_processes(_encode_data_state(data_state))}
     return manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state),
+        state=ocp.args.StandardSave(_entries(train_state)),
         data=ocp.args.JsonSave(data),
         config=ocp.args.JsonSave(config)), force=force)
 
@@ -127,14 +139,17 @@ def restore(manager: ocp.CheckpointManager, step: int | None = None, *,
     elif step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {manager.directory}; saved steps: {sorted(steps)}")
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.tree.map(_abstract, abstract_state)),
+        state=ocp.args.StandardRestore(jax.tree.map(_abstract, _entries(abstract_state))),
         data=ocp.args.JsonRestore(),
         config=ocp.args.JsonRestore()))
     per_process = restored["data"]["per_process"]
     if len(per_process) != jax.process_count():
         raise ValueError(f"checkpoint step {step} in {manager.directory} holds the data state of {len(per_process)} "
                          f"processes; this run has {jax.process_count()}: the input pipeline cannot resume exactly")
-    return restored["state"], _decode_data_state(per_process[jax.process_index()]), restored["config"]
+    state = restored["state"]
+    if dataclasses.is_dataclass(abstract_state):
+        state = dataclasses.replace(abstract_state, **state)
+    return state, _decode_data_state(per_process[jax.process_index()]), restored["config"]
 
 
 def read_config(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:

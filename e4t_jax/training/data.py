@@ -88,6 +88,9 @@ class DataConfig:
       flip: random horizontal flips.
       captions: each image's prompt is its sidecar caption ``NAME.txt`` (with ``{}``
         for the placeholder) instead of a template (:func:`read_captions`).
+      workers: decoding worker processes (grain ``mp_prefetch``); 0 decodes in this
+        process. The data are the same with any number, but the iterator's state is
+        shaped by it: a run resumes with the number it was saved with.
     """
 
     root: str = ""
@@ -96,6 +99,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = True
     captions: bool = False
+    workers: int = 0
 
 
 class RandomAccessImages(Protocol):
@@ -452,7 +456,7 @@ def make_dataset(
     flip: bool = DataConfig.flip,
     read_threads: int = 8,
     prefetch: int = 2,
-    workers: int = 0,
+    workers: int = DataConfig.workers,
     hf_dataset: RandomAccessImages | None = None,
     stats: SkipStats | None = None,
     captions: bool = False,

@@ -28,7 +28,7 @@ PyTree = Any
 
 
 class MetricsLog:
-    """TensorBoard (``out/tb``) + JSON-lines (``out/metrics.jsonl``) metrics; process 0 only."""
+    """TensorBoard (``out/tb``: scalars and images) + JSON-lines (``out/metrics.jsonl``) metrics; process 0 only."""
 
     def __init__(self, out: Path, enabled: bool):
         self.enabled = enabled
@@ -37,6 +37,11 @@ class MetricsLog:
 
             self.writer = SummaryWriter(str(out / "tb"))
             self.lines = open(out / "metrics.jsonl", "a", encoding="utf-8")
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """An image summary: uint8 ``[H, W, 3]`` (TensorBoard only)."""
+        if self.enabled:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -62,8 +67,9 @@ def fingerprint(batch: dict[str, np.ndarray]) -> str:
 
 
 def run(driver: Callable, state: PyTree, frozen: PyTree, batches: Iterator[dict[str, np.ndarray]], *, steps: int,
-        global_batch_size: int, manager, data_state: Callable[[], Any], config: dict[str, Any], out: Path,
-        log_every: int = 10, on_step: Sequence[Callable[[int, PyTree], None]] = ()) -> PyTree:
+        global_batch_size: int, manager, data_state: Callable[[], Any], config: dict[str, Any],
+        out: Path | None = None, metrics_log: MetricsLog | None = None, log_every: int = 10,
+        on_step: Sequence[Callable[[int, PyTree], None]] = ()) -> PyTree:
     """Steps ``driver`` from ``state.step`` to ``steps``; returns the final state.
 
     Args:
@@ -77,7 +83,9 @@ def run(driver: Callable, state: PyTree, frozen: PyTree, batches: Iterator[dict[
       manager: an orbax manager from :func:`e4t_jax.training.checkpoint.open_manager`.
       data_state: returns the input iterator's state (called only on saving steps).
       config: the run's config (JSON-able), saved with every checkpoint.
-      out: the run folder (metrics go to ``out/tb`` and ``out/metrics.jsonl``).
+      out: the run folder: metrics go to a :class:`MetricsLog` on it (closed at the end).
+      metrics_log: instead of ``out``, a :class:`MetricsLog` that the caller closes (its hooks may write
+        to it too).
       log_every: metrics every N steps (and at the first and the last).
       on_step: ``hook(step, state)`` after every step, on every process (each hook decides
         what a process does; reading sharded state is a collective on multi-host runs).
@@ -89,7 +97,7 @@ def run(driver: Callable, state: PyTree, frozen: PyTree, batches: Iterator[dict[
 
     first_step = int(state.step)
     crash_after = int(os.environ.get("E4T_CRASH_AFTER_STEP", "0"))
-    metrics_log = MetricsLog(out, jax.process_index() == 0)
+    log = MetricsLog(out, jax.process_index() == 0) if metrics_log is None else metrics_log
     bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc="training", unit="step",
                disable=jax.process_index() != 0)
     tick = time.perf_counter()
@@ -108,7 +116,7 @@ def run(driver: Callable, state: PyTree, frozen: PyTree, batches: Iterator[dict[
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             values["images_per_s"] = global_batch_size * (log_every if done > first_step + 1 else 1) / elapsed
             values["batch"] = fingerprint(batch)
-            metrics_log.write(done, values)
+            log.write(done, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
         if manager.should_save(done) or done == steps:  # the iterator state is gathered only then
             checkpoint.save(manager, done, train_state=state, data_state=data_state(), config=config, force=True)
@@ -118,5 +126,6 @@ def run(driver: Callable, state: PyTree, frozen: PyTree, batches: Iterator[dict[
             manager.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)
     manager.wait_until_finished()
-    metrics_log.close()
+    if metrics_log is None:
+        log.close()
     return state

@@ -24,8 +24,10 @@ Start one process per host (per GPU is also fine) with the same program, and cal
     JAX_NUM_PROCESSES=4                     # number of processes
     JAX_PROCESS_ID=0                        # 0 .. JAX_NUM_PROCESSES - 1, unique
 
-or pass them as arguments. On Cloud TPU pods, SLURM and Open MPI, call
-``initialize_distributed(auto=True)`` instead: JAX detects the three values itself.
+or pass them as arguments. On a multi-host Cloud TPU slice (or several, with
+Megascale) nothing needs setting: :func:`initialize_distributed` sees the TPU runtime's
+environment (:func:`cloud_tpu_pod`) and lets JAX find the three values itself. On SLURM
+and Open MPI, call ``initialize_distributed(auto=True)``.
 On CPU the cross-process collectives use gloo over TCP. Each process then reads only
 its share of the global batch (``B / process_count`` rows, e.g. its shard of the
 image files, see :func:`e4t_jax.training.data.make_dataset`) and feeds them to the
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -266,15 +268,29 @@ class PmapDriver:
         return state, jax.tree.map(lambda m: m[0], metrics)
 
 
+def cloud_tpu_pod(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` is that of one host of a multi-host Cloud TPU run.
+
+    The variables JAX's own Cloud TPU cluster detection reads: ``TPU_PROCESS_ADDRESSES``
+    or ``TPU_WORKER_HOSTNAMES`` (comma-separated, one entry per host) naming more than
+    one host, or a Megascale (multi-slice) coordinator or slice count above 1.
+    """
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+    slices = environ.get("MEGASCALE_NUM_SLICES", "1").strip()
+    return (len([h for h in hosts.split(",") if h.strip()]) > 1 or bool(environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+            or (slices.isdigit() and int(slices) > 1))
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, *, auto: bool = False) -> bool:
     """Join a multi-process run; a no-op (returns False) when nothing asks for one.
 
     Values not passed come from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``. With none of them set and ``auto=False`` this does nothing;
-    ``auto=True`` lets JAX detect them (Cloud TPU pods, SLURM, Open MPI). Must run
-    before any other JAX call. Sets gloo as the CPU cross-process collectives.
-    Returns True when the distributed system is (now) initialized.
+    ``JAX_PROCESS_ID``. With none of them set, JAX detects them itself on a multi-host
+    Cloud TPU run (:func:`cloud_tpu_pod`) or with ``auto=True`` (also SLURM, Open MPI);
+    otherwise (one host) this does nothing. Must run before any other JAX call. Sets
+    gloo as the CPU cross-process collectives. Returns True when the distributed system
+    is (now) initialized.
     """
     if jax.distributed.is_initialized():
         return True
@@ -284,6 +300,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         "JAX_PROCESS_ID": process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID"),
     }
     missing = [name for name, value in settings.items() if value is None]
+    auto = auto or cloud_tpu_pod(os.environ)
     if len(missing) == len(settings) and not auto:
         return False
     if missing and not auto:
