@@ -19,8 +19,8 @@ def setup(tiny_model_dir):
     taps = e.model.vision.num_layers // 2
     image = {"layers": rng.standard_normal((taps, e.model.vision.width)).astype(np.float32),
              "latents": rng.standard_normal((8, 8, 4)).astype(np.float32)}
-    loaded = concept_lib.Concept("S*", e.model.placeholder_id, np.zeros(e.sd.text_dim, np.float32), None, e.config,
-                                 header={}, image=image)
+    loaded = concept_lib.Concept("S*", e.model.placeholder_id, np.zeros(e.sd.text_dim, np.float32), e.config,
+                                 image=image)
     ids = e.tokenizer.encode(["a photo of S*"])
     return e, loaded, ids, e.tokenizer.encode([""])
 
