@@ -12,11 +12,30 @@ import numpy as np
 
 from e4t_jax import files, pipeline
 from e4t_jax.e4t import concept as concept_lib
-from e4t_jax.e4t.pretrained import encoder_folder, expected_identity
+from e4t_jax.e4t.pretrained import encoder_fingerprint, encoder_folder, expected_identity, read_config
 from e4t_jax.errors import UserError
 from e4t_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("e4t.generate")
+
+
+def domain_head(encoder: str | os.PathLike, concept: concept_lib.Concept, sd: pipeline.StableDiffusion) -> dict:
+    """The head params of the domain encoder folder ``encoder``, which must be the one ``concept`` came from.
+
+    Raises:
+      UserError: ``encoder`` is not an encoder for ``sd``, or its fingerprint is not the concept's.
+    """
+    folder = encoder_folder(encoder)
+    config, _ = read_config(folder)
+    try:
+        head, offsets, _ = files.load_encoder(folder, expected=expected_identity(sd))
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    fingerprint = encoder_fingerprint(config, offsets)
+    if fingerprint != concept.fingerprint:
+        raise UserError(f"--encoder {encoder} (fingerprint {fingerprint[:12]}) is not the domain encoder that "
+                        f"{concept.name} came from ({concept.fingerprint[:12]}); pass that one to --reencode")
+    return head
 
 
 def concept_hooks(concepts: Sequence[concept_lib.Concept], sd: pipeline.StableDiffusion, params: dict,
@@ -41,10 +60,7 @@ def concept_hooks(concepts: Sequence[concept_lib.Concept], sd: pipeline.StableDi
             if encoder is None:
                 raise UserError(f"--reencode: {concept.placeholder}'s concept holds no tuned encoder head "
                                 "(personalize with --save-encoder) and no --encoder was given")
-            try:
-                head, _, _ = files.load_encoder(encoder_folder(encoder), expected=expected_identity(sd))
-            except ValueError as error:
-                raise UserError(str(error)) from error
+            head = domain_head(encoder, concept, sd)
         overrides.append(concept_lib.reencoding_override(concept, sd, params["text"], tokenizer, head_params=head,
                                                          seed=seed))
     return pipeline.Hooks(overrides=tuple(overrides)) + concept_lib.offsets_hooks(concepts)
