@@ -209,7 +209,7 @@ class Concept:
         """How messages name it: its file, else its placeholder."""
         return str(self.path) if self.path is not None else self.placeholder
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """The :func:`e4t_jax.e4t.pretrained.encoder_fingerprint` of the domain encoder it came from."""
         return encoder_fingerprint(self.config, self.domain)
@@ -225,9 +225,9 @@ class Concept:
 
 def check_compatible(concepts: Sequence[Concept]) -> None:
     """Raises :class:`ConceptError` unless all ``concepts`` come from one domain encoder."""
-    for other in concepts[1:]:
-        if other.fingerprint != concepts[0].fingerprint:
-            first = concepts[0]
+    first, *others = concepts
+    for other in others:
+        if other.fingerprint != first.fingerprint:
             raise ConceptError(f"concepts {first.name} and {other.name} come from different domain encoders "
                                f"(fingerprints {first.fingerprint[:12]} and {other.fingerprint[:12]}); concepts "
                                "combine only when they come from the same domain encoder")

@@ -4,10 +4,9 @@ Writes into a folder (atomically: nothing is left there when it fails):
 
 * ``learned_embeds.safetensors``: the textual-inversion embedding ``{placeholder: [1, D]}``
   (float32), the format diffusers' ``load_textual_inversion`` reads;
-* ``unet/``: the base U-Net with the concept's weight offsets (its domain offsets plus
+* ``unet/``: the base U-Net with the concept's weight offsets (the domain offsets plus
   its change of them) merged in (``diffusion_pytorch_model.safetensors`` + the base
-  ``config.json``), for
-  ``UNet2DConditionModel.from_pretrained``;
+  ``config.json``), for ``UNet2DConditionModel.from_pretrained``;
 * ``e4t_concept.json`` (placeholder, domain word, base model, offsets) and ``README.md``;
 * with ``full_pipeline``: every other component of the base model too (those listed
   in its ``model_index.json``), so the folder is a complete diffusers

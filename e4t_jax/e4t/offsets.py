@@ -279,17 +279,18 @@ def compose_offsets(unet_params: PyTree, domain: PyTree, deltas: Sequence[PyTree
                     config_or_kind: OffsetConfig | str) -> PyTree:
     """U-Net params with several tunings of one set of domain offsets, the domain's change once.
 
-    At every offset kernel ``W_1 + sum_{i>1} (W_i - W_dom)``, where
+    At every offset kernel ``W_dom + sum_i (W_i - W_dom)``, where
     ``W_dom = apply_offsets(W, domain)`` and ``W_i = apply_offsets(W, domain + deltas[i])``:
-    ``W_dom + sum_i (W_i - W_dom)``, exact in weight space for every kind (a kind's factors,
-    such as lowrank's ``down`` and ``up``, do not add). One delta gives exactly
-    ``apply_offsets(W, domain + delta)``, and a delta of zeros adds exactly nothing. The
-    differences are summed in float32. Pure and jit-able.
+    exact in weight space for every kind (a kind's factors, such as lowrank's ``down``
+    and ``up``, do not add). Computed as ``W_1 + sum_{i>1} (W_i - W_dom)``, the
+    differences summed in float32, so that one delta gives exactly
+    ``apply_offsets(W, domain + delta)`` and a zero delta after the first adds exactly
+    nothing. Pure and jit-able.
 
     Args:
       unet_params: U-Net params (no ``{"params": ...}`` wrapper); not modified.
       domain: the offsets that every tuning started from.
-      deltas: one or more changes of them (each ``domain``'s structure and shapes).
+      deltas: one or more changes of them (each with ``domain``'s structure and shapes).
       config_or_kind: as :func:`apply_offsets`.
 
     Returns:
@@ -300,12 +301,12 @@ def compose_offsets(unet_params: PyTree, domain: PyTree, deltas: Sequence[PyTree
     tuned = [apply_offsets(unet_params, jax.tree.map(jnp.add, domain, d), config_or_kind) for d in deltas]
     if len(tuned) == 1:
         return tuned[0]
-    tuned = [traverse_util.flatten_dict(params) for params in tuned]
+    first, *others = (traverse_util.flatten_dict(params) for params in tuned)
     base = traverse_util.flatten_dict(apply_offsets(unet_params, domain, config_or_kind))
-    composed = dict(tuned[0])
+    composed = dict(first)
     for path in offset_leaves(domain, config_or_kind):
-        total = tuned[0][path].astype(jnp.float32)
-        for flat in tuned[1:]:
+        total = first[path].astype(jnp.float32)
+        for flat in others:
             total = total + (flat[path].astype(jnp.float32) - base[path].astype(jnp.float32))
         composed[path] = total.astype(base[path].dtype)
     return traverse_util.unflatten_dict(composed)
