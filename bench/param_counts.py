@@ -9,7 +9,8 @@ branch, OpenCLIP ViT-H/14's vision tower (the encoder the E4T paper uses).
 
 Prints the encoder head (default :class:`EncoderConfig`, text width 768), the weight
 offsets for several :class:`OffsetConfig` choices, and the size of a personalized
-concept file (``v*`` + offsets, float32) against the full U-Net in float32.
+concept file (``v*`` + the domain offsets + the concept's change of them, float32)
+against the full U-Net in float32.
 """
 from __future__ import annotations
 
@@ -93,15 +94,16 @@ def main() -> None:
     print(f"  {'total':<28} {head_count:>13,}  {megabytes(head_count):>10}  ({head_count / unet_count:.2%} of U-Net)")
 
     v_star = unet_config.cross_attention_dim
-    print(f"\nWeight offsets on the SD 1.5 U-Net, and a concept file (v* [{v_star}] + offsets, fp32)")
+    print(f"\nWeight offsets on the SD 1.5 U-Net, and a concept file (v* [{v_star}] + domain + delta offsets, fp32)")
     print(f"  {'offsets':<28} {'kernels':>7} {'params':>13} {'% U-Net':>8} {'concept file':>13} {'+ tuned head':>13}")
     counts = {}
     for name, config in OFFSET_CHOICES.items():
         counts[name] = count = offsets_lib.count_params(offsets_abstract_params(unet, config))
         kernels = len(offsets_lib.select_paths(unet, config))
-        print(f"  {name:<28} {kernels:>7} {count:>13,} {count / unet_count:>8.2%} {megabytes(count + v_star):>13} "
-              f"{megabytes(count + v_star + head_count):>13}")
-    default = counts["lowrank r4, q/k/v (default)"] + v_star
+        concept = 2 * count + v_star
+        print(f"  {name:<28} {kernels:>7} {count:>13,} {count / unet_count:>8.2%} {megabytes(concept):>13} "
+              f"{megabytes(concept + head_count):>13}")
+    default = 2 * counts["lowrank r4, q/k/v (default)"] + v_star
     print(f"\nA full SD 1.5 U-Net in fp32 is {megabytes(unet_count)}; the default concept file "
           f"({megabytes(default)}) is {unet_count / default:,.0f}x smaller.")
 

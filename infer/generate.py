@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="initial noise as .npy in diffusers' layout [B, C, h, w] (B = prompts x num-images; "
                         "[B, h, w, C] is read too)")
     p.add_argument("--concept", type=Path, action="append", default=[],
-                   help="personalized concept file from e4t-personalize (repeatable)")
+                   help="personalized concept file from e4t-personalize (repeatable: concepts of one domain "
+                        "encoder, each with its own placeholder)")
     p.add_argument("--reencode", action="store_true",
                    help="re-encode the concept image at every denoising step (the concept's tuned head, "
                         "else the --encoder's)")

@@ -6,9 +6,9 @@ Example::
         --image me.jpg --steps 15 --batch-size 16 --out me.safetensors
 
 Tunes the encoder head and the U-Net weight offsets for a few steps on augmented
-copies of the image, then writes a small concept file (``v*`` + offsets) and a preview
-grid beside it (``me.preview.png``), and prints a timing breakdown. Existing outputs
-are replaced only with ``--force``; an input never is.
+copies of the image, then writes a small concept file (``v*``, the encoder's offsets and
+their tuned change) and a preview grid beside it (``me.preview.png``), and prints a
+timing breakdown. Existing outputs are replaced only with ``--force``; an input never is.
 """
 from __future__ import annotations
 

@@ -21,18 +21,20 @@ STEPS, GUIDANCE = 10, 7.5
 
 
 def _make_concept(path, sd, params):
-    """A concept with a random ``v*`` (norm like the vocabulary's) and non-zero low-rank offsets."""
+    """A concept with a random ``v*`` (norm like the vocabulary's), non-zero low-rank domain offsets
+    and a random change of them."""
     rng = np.random.default_rng(0)
     table = params["text"]["embeddings"]["token_embedding"]["embedding"]
     direction = rng.standard_normal(table.shape[1]).astype(np.float32)
     embedding = direction / np.linalg.norm(direction) * np.linalg.norm(table, axis=1).mean()
     config = offsets_lib.OffsetConfig()
-    offsets = offsets_lib.init_offsets(jax.random.key(0), params["unet"], config)
-    offsets = jax.tree_util.tree_map_with_path(
+    domain = offsets_lib.init_offsets(jax.random.key(0), params["unet"], config)
+    domain = jax.tree_util.tree_map_with_path(
         lambda p, leaf: 0.1 * rng.standard_normal(leaf.shape).astype(np.float32) if p[-1].key == "up" else leaf,
-        offsets)
+        jax.device_get(domain))
+    delta = jax.tree.map(lambda leaf: 0.05 * rng.standard_normal(leaf.shape).astype(np.float32), domain)
     e4t_config = E4TConfig(model=ModelConfig(domain_word="cat", placeholder="S*"), offsets=config)
-    return concept_lib.save_concept(path, embedding=embedding, offsets=offsets, config=e4t_config, sd=sd)
+    return concept_lib.save_concept(path, embedding=embedding, config=e4t_config, sd=sd, domain=domain, delta=delta)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -84,15 +84,20 @@ def test_a_registered_offset_kind_trains_saves_and_generates(column_scale, tiny_
     np.testing.assert_allclose(float(offsets_lib.offset_l2(result.params.offsets, column_scale, e.frozen.unet)),
                                want, rtol=1e-5)
 
-    path = concept_lib.save_concept(tmp_path / "c.safetensors", embedding=result.embedding,
-                                    offsets=jax.device_get(result.params.offsets), config=e.config, sd=e.sd)
+    concept = tuned_concept(e, result)
+    path = concept_lib.save_concept(tmp_path / "c.safetensors", embedding=concept.embedding, config=e.config,
+                                    sd=e.sd, domain=concept.domain, delta=concept.delta)
     loaded = concept_lib.load_concept(path, e.sd, type(e.tokenizer).from_folder(e.sd.folder))
     assert loaded.config.offsets.kind == column_scale and loaded.token_id == e.model.placeholder_id
     sample = sampler(e)
-    untuned = dataclasses.replace(loaded, offsets=e.params.offsets)  # zero scales: exactly the base U-Net
-    no_offsets = sample(dataclasses.replace(loaded, offsets=None).hooks())
+    untuned = dataclasses.replace(loaded, delta=jax.tree.map(np.zeros_like, loaded.delta))  # zero scales: the base
+    no_offsets = sample(dataclasses.replace(loaded, domain=None, delta=None).hooks())
     np.testing.assert_array_equal(sample(untuned.hooks()), no_offsets)
-    assert np.abs(sample(loaded.hooks()) - no_offsets).mean() > 1e-4
+    tuned = sample(loaded.hooks())
+    assert np.abs(tuned - no_offsets).mean() > 1e-4
+    # with a zero-change copy of itself under another placeholder, the same image (composition in weight space)
+    copy = dataclasses.replace(untuned, placeholder="S2*", token_id=e.tokenizer.add_placeholder("S2*", "face")[0])
+    np.testing.assert_array_equal(sample(concept_lib.sampling_hooks([loaded, copy])), tuned)
 
 
 def test_an_unregistered_kind_is_refused():

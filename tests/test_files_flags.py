@@ -363,7 +363,7 @@ def concept_for_tiny(tiny_model_dir, tmp_path_factory):
 
     sd, _, _ = pipeline.load_model(tiny_model_dir)
     path = tmp_path_factory.mktemp("concept") / "c.safetensors"
-    return concept_lib.save_concept(path, embedding=np.zeros(sd.text_dim), offsets=None, config=E4TConfig(), sd=sd)
+    return concept_lib.save_concept(path, embedding=np.zeros(sd.text_dim), config=E4TConfig(), sd=sd)
 
 
 def _rewrite_identity(concept_file: Path, out: Path, change) -> Path:

@@ -15,13 +15,15 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import skimage.data
+from flax import traverse_util
 from PIL import Image
 
 from e4t_jax import presets, weights
 from e4t_jax.e4t import concept as concept_lib
-from e4t_jax.e4t.pretrained import preset_encoder_dir
+from e4t_jax.e4t.pretrained import encoder_fingerprint, load_pretrained, preset_encoder_dir
 from e4t_jax.files import base_model_identity
 from e4t_jax.models.unet import UNetConfig
 from infer import generate, personalize
@@ -80,10 +82,22 @@ def test_concept_file_header_and_size(concept_file):
     architecture = UNetConfig.from_diffusers(weights.read_config(model / "unet")).architecture()
     assert header["base_model"] == base_model_identity(architecture, text_width)
     assert tensors["embedding"].shape == (text_width,)
-    assert any(name.startswith("offsets/") for name in tensors) and not any(n.startswith("head/") for n in tensors)
+    domain = sorted(name[len("domain/"):] for name in tensors if name.startswith("domain/"))
+    assert domain and domain == sorted(name[len("delta/"):] for name in tensors if name.startswith("delta/"))
+    assert not any(n.startswith(("head/", "offsets/")) for n in tensors)
     size = concept_file.stat().st_size
     print(f"concept file: {size / 1024:.1f} KiB")
     assert size < 100 * 1024
+
+
+def test_the_concept_records_its_encoders_fingerprint(inputs, concept_file):
+    """The loaded encoder and the concept compute one fingerprint, whatever the placeholder."""
+    _, header = concept_lib.read_concept(concept_file)
+    e = load_pretrained("tiny", inputs.encoder, placeholder="S2*")
+    assert header["encoder_fingerprint"] == encoder_fingerprint(e.config, e.params.offsets)
+    tensors, _ = concept_lib.read_concept(concept_file)
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(e.params.offsets, sep="/").items()}
+    assert all(np.array_equal(tensors[f"domain/{k}"], v) for k, v in flat.items())
 
 
 def test_compile_cache_makes_second_run_compile_faster(runs):
@@ -100,6 +114,18 @@ def test_generate_with_concept(concept_file, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png", "grid.png"]
     assert Image.open(out / "000.png").size == (64, 64)
     assert all(line.endswith("\ta photo of S*") for line in (out / "prompts.txt").read_text().splitlines())
+
+
+def test_generate_reencodes_with_the_concepts_own_encoder_only(inputs, concept_file, tmp_path, capsys):
+    args = ["--model", "tiny", "--concept", str(concept_file), "--prompt", "a photo of S*", "--steps", "2",
+            "--reencode"]
+    assert generate.main([*args, "--encoder", str(inputs.encoder), "--out", str(tmp_path / "same")]) == 0
+    capsys.readouterr()
+    other = preset_encoder_dir("tiny", "cat")  # another domain word: another encoder
+    assert generate.main([*args, "--encoder", str(other), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "is not the domain encoder that" in err[0], err
+    assert not (tmp_path / "other").exists()
 
 
 def _encoder_for_another_model(inputs, folder: Path) -> Path:

@@ -1,6 +1,7 @@
 """Per-step re-encoding at generation: exact against a closed form, and it matters."""
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,8 +20,8 @@ def setup(tiny_model_dir):
     taps = e.model.vision.num_layers // 2
     image = {"layers": rng.standard_normal((taps, e.model.vision.width)).astype(np.float32),
              "latents": rng.standard_normal((8, 8, 4)).astype(np.float32)}
-    loaded = concept_lib.Concept("S*", e.model.placeholder_id, np.zeros(e.sd.text_dim, np.float32), None, e.config,
-                                 header={}, image=image)
+    loaded = concept_lib.Concept("S*", e.model.placeholder_id, np.zeros(e.sd.text_dim, np.float32), e.config,
+                                 image=image)
     ids = e.tokenizer.encode(["a photo of S*"])
     return e, loaded, ids, e.tokenizer.encode([""])
 
@@ -57,3 +58,22 @@ def test_concept_without_image_features_is_refused(setup):
     e, loaded, _, _ = setup
     with pytest.raises(concept_lib.ConceptError, match="--reencode"):
         _reencoding(e, dataclasses.replace(loaded, image=None), e.params.head)
+
+
+def test_reencoding_sees_the_composed_unet(setup):
+    """Re-encoding A beside a zero-change concept B of its encoder: A's images, bit for bit."""
+    e, loaded, ids, uncond = setup
+    rng = np.random.default_rng(2)
+    domain = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.1, e.params.offsets)
+    a = dataclasses.replace(loaded, domain=domain,
+                            delta=jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), domain))
+    b = dataclasses.replace(a, placeholder="S2*", token_id=e.tokenizer.add_placeholder("S2*", "cat")[0],
+                            delta=jax.tree.map(np.zeros_like, domain))
+    override = pipeline.Hooks(overrides=(concept_lib.reencoding_override(a, e.sd, e.frozen.text, e.tokenizer,
+                                                                         head_params=e.params.head),))
+    generator = pipeline.Generator(e.sd)
+    alone, both = (generator(e.frozen.base, ids, uncond, num_steps=3, hooks=override + concept_lib.offsets_hooks(c))
+                   for c in ([a], [a, b]))
+    np.testing.assert_array_equal(both, alone)
+    base = generator(e.frozen.base, ids, uncond, num_steps=3, hooks=override)
+    assert np.abs(alone - base).mean() > 1e-3  # the offsets do change the images

@@ -4,9 +4,9 @@ Writes into a folder (atomically: nothing is left there when it fails):
 
 * ``learned_embeds.safetensors``: the textual-inversion embedding ``{placeholder: [1, D]}``
   (float32), the format diffusers' ``load_textual_inversion`` reads;
-* ``unet/``: the base U-Net with the concept's weight offsets merged in
-  (``diffusion_pytorch_model.safetensors`` + the base ``config.json``), for
-  ``UNet2DConditionModel.from_pretrained``;
+* ``unet/``: the base U-Net with the concept's weight offsets (the domain offsets plus
+  its change of them) merged in (``diffusion_pytorch_model.safetensors`` + the base
+  ``config.json``), for ``UNet2DConditionModel.from_pretrained``;
 * ``e4t_concept.json`` (placeholder, domain word, base model, offsets) and ``README.md``;
 * with ``full_pipeline``: every other component of the base model too (those listed
   in its ``model_index.json``), so the folder is a complete diffusers
@@ -115,8 +115,9 @@ def export_concept(concept_file: str | Path, model: str | Path, out: str | Path,
     sd, params, tokenizer = pipeline.load_model(model, variant=variant)
     concept = concept_lib.load_concept(concept_file, sd, tokenizer)
     unet_params = params["unet"]
-    if concept.offsets is not None:
-        unet_params = offsets_lib.merge_offsets(unet_params, concept.offsets, concept.config.offsets)
+    if concept.domain is not None:  # the U-Net that generation samples this concept with
+        unet_params = jax.device_get(offsets_lib.compose_offsets(unet_params, concept.domain, (concept.delta,),
+                                                                 concept.config.offsets))
     unet_params = jax.tree.map(lambda leaf: np.asarray(leaf, DTYPES[dtype]), unet_params)
     model_id = str(model_folder) if presets.is_preset(str(model)) else str(model)
     with files.atomic_path(out) as tmp:

@@ -21,6 +21,10 @@ A parameterization (``kind``) is an :class:`OffsetKind` registered in :data:`KIN
   has the kernel's shape, zeros.
 - ``"dense"``: ``dW = delta``; ``delta`` has the kernel's shape, zeros.
 
+Several tunings of the same (domain) offsets combine in weight space
+(:func:`compose_offsets`): the domain's change is applied once, and each tuning adds
+its own change of the weights relative to it.
+
 This project could not confirm the paper's exact form of the weight offsets; the
 low-rank additive default is this project's choice, not a number or form taken from
 the paper. Offsets are float32 whatever the kernels' dtype.
@@ -30,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -269,6 +273,43 @@ def apply_offsets(unet_params: PyTree, offsets: PyTree, config_or_kind: OffsetCo
             raise KeyError(f"The offsets modify {'/'.join(path)}, which the U-Net params do not have.")
         flat[path] = flat[path] + delta(offset, flat[path], config_or_kind)
     return traverse_util.unflatten_dict(flat)
+
+
+def compose_offsets(unet_params: PyTree, domain: PyTree, deltas: Sequence[PyTree],
+                    config_or_kind: OffsetConfig | str) -> PyTree:
+    """U-Net params with several tunings of one set of domain offsets, the domain's change once.
+
+    At every offset kernel ``W_dom + sum_i (W_i - W_dom)``, where
+    ``W_dom = apply_offsets(W, domain)`` and ``W_i = apply_offsets(W, domain + deltas[i])``:
+    exact in weight space for every kind (a kind's factors, such as lowrank's ``down``
+    and ``up``, do not add). Computed as ``W_1 + sum_{i>1} (W_i - W_dom)``, the
+    differences summed in float32, so that one delta gives exactly
+    ``apply_offsets(W, domain + delta)`` and a zero delta after the first adds exactly
+    nothing. Pure and jit-able.
+
+    Args:
+      unet_params: U-Net params (no ``{"params": ...}`` wrapper); not modified.
+      domain: the offsets that every tuning started from.
+      deltas: one or more changes of them (each with ``domain``'s structure and shapes).
+      config_or_kind: as :func:`apply_offsets`.
+
+    Returns:
+      A new nested dict, as :func:`apply_offsets`.
+    """
+    if not deltas:
+        raise ValueError("compose_offsets needs at least one delta.")
+    tuned = [apply_offsets(unet_params, jax.tree.map(jnp.add, domain, d), config_or_kind) for d in deltas]
+    if len(tuned) == 1:
+        return tuned[0]
+    first, *others = (traverse_util.flatten_dict(params) for params in tuned)
+    base = traverse_util.flatten_dict(apply_offsets(unet_params, domain, config_or_kind))
+    composed = dict(first)
+    for path in offset_leaves(domain, config_or_kind):
+        total = first[path].astype(jnp.float32)
+        for flat in others:
+            total = total + (flat[path].astype(jnp.float32) - base[path].astype(jnp.float32))
+        composed[path] = total.astype(base[path].dtype)
+    return traverse_util.unflatten_dict(composed)
 
 
 def merge_offsets(unet_params: PyTree, offsets: PyTree, config_or_kind: OffsetConfig | str) -> PyTree:

@@ -9,6 +9,9 @@ the head params and the weight offsets, and a JSON config::
 Loading parses ``e4t`` strictly (:func:`e4t_jax.config.from_dict`) and checks
 ``base_model`` against the model it is loaded for. Folders written by e4t-jax 0.1 (flat
 config keys, ``clip_``-named head fields and params) are read too.
+
+:func:`encoder_fingerprint` names a domain encoder by its offsets and config; concept
+files record it, and only concepts with one fingerprint combine.
 """
 from __future__ import annotations
 
@@ -21,12 +24,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from e4t_jax import __version__, config as config_lib, files, presets, weights
 from e4t_jax.e4t.config import E4TConfig, ModelConfig
 from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.e4t.model import E4T, E4TParams, build, load_parts
 from e4t_jax.errors import UserError
+
+PyTree = Any
+# Config fields that are not the encoder's own: loading sets or replaces them per run.
+_PER_RUN_FIELDS = {"model": ("base", "vision_source", "placeholder"), "encoder": ("text_dim",)}
 
 
 def model_identity(sd) -> dict[str, Any]:
@@ -41,6 +50,31 @@ def expected_identity(sd) -> dict[str, Any]:
     instead of the architecture (:func:`e4t_jax.files.legacy_fingerprint`)."""
     fingerprint = files.legacy_fingerprint(weights.read_config(sd.folder / "unet"))
     return {**model_identity(sd), "unet_config_sha256": fingerprint}
+
+
+def encoder_fingerprint(config: E4TConfig, offsets: PyTree) -> str:
+    """The sha256 (hex) that names a domain encoder: its weight offsets and its config.
+
+    Hashes every offset leaf (path, shape and float32 bytes, in sorted path order) and
+    the config as JSON without the fields that loading sets per run (base model,
+    vision source, placeholder, text width). A loaded encoder
+    (``encoder_fingerprint(e.config, e.params.offsets)``) and every concept personalized
+    from it (its ``domain/`` offsets and header config) give the same value.
+
+    Args:
+      config: the encoder's config (or a concept's).
+      offsets: the domain offsets (arrays of any float dtype; None: no offsets).
+    """
+    tree = config_lib.to_dict(config)
+    for group, names in _PER_RUN_FIELDS.items():
+        for name in names:
+            del tree[group][name]
+    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode())
+    for path, leaf in sorted(traverse_util.flatten_dict(offsets or {}, sep="/").items()):
+        leaf = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        digest.update(f"{path}:{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
 
 
 def encoder_folder(path: str | os.PathLike) -> Path:

@@ -12,38 +12,58 @@ import numpy as np
 
 from e4t_jax import files, pipeline
 from e4t_jax.e4t import concept as concept_lib
-from e4t_jax.e4t.pretrained import encoder_folder, expected_identity
+from e4t_jax.e4t.pretrained import encoder_fingerprint, encoder_folder, expected_identity, read_config
 from e4t_jax.errors import UserError
 from e4t_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("e4t.generate")
 
 
+def domain_head(encoder: str | os.PathLike, concept: concept_lib.Concept, sd: pipeline.StableDiffusion) -> dict:
+    """The head params of the domain encoder folder ``encoder``, which must be the one ``concept`` came from.
+
+    Raises:
+      UserError: ``encoder`` is not an encoder for ``sd``, or its fingerprint is not the concept's.
+    """
+    folder = encoder_folder(encoder)
+    config, _ = read_config(folder)
+    try:
+        head, offsets, _ = files.load_encoder(folder, expected=expected_identity(sd))
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    fingerprint = encoder_fingerprint(config, offsets)
+    if fingerprint != concept.fingerprint:
+        raise UserError(f"--encoder {encoder} (fingerprint {fingerprint[:12]}) is not the domain encoder that "
+                        f"{concept.name} came from ({concept.fingerprint[:12]}); pass that one to --reencode")
+    return head
+
+
 def concept_hooks(concepts: Sequence[concept_lib.Concept], sd: pipeline.StableDiffusion, params: dict,
                   tokenizer: Tokenizer, *, reencode: bool = False, encoder: str | os.PathLike | None = None,
                   seed: int = 0) -> pipeline.Hooks:
-    """The sampling hooks of loaded concepts, in order.
+    """The sampling hooks of loaded concepts: their token overrides in order, and one
+    params transform for all their offsets (:func:`e4t_jax.e4t.concept.offsets_hooks`).
 
     Args:
       reencode: re-encode each concept image at every denoising step, with the
         concept's own tuned head, else the head of the domain encoder ``encoder``.
+
+    Raises:
+      ConceptError: the concepts come from different domain encoders.
     """
-    hooks = pipeline.Hooks()
+    if not reencode:
+        return concept_lib.sampling_hooks(concepts)
+    overrides = []
     for concept in concepts:
-        if not reencode:
-            hooks += concept.hooks()
-            continue
         head = concept.head
         if head is None:
             if encoder is None:
                 raise UserError(f"--reencode: {concept.placeholder}'s concept holds no tuned encoder head "
                                 "(personalize with --save-encoder) and no --encoder was given")
-            try:
-                head, _, _ = files.load_encoder(encoder_folder(encoder), expected=expected_identity(sd))
-            except ValueError as error:
-                raise UserError(str(error)) from error
-        hooks += concept_lib.reencoding_hooks(concept, sd, params["text"], tokenizer, head_params=head, seed=seed)
-    return hooks
+            head = domain_head(encoder, concept, sd)
+        overrides.append(concept_lib.reencoding_override(concept, sd, params["text"], tokenizer, head_params=head,
+                                                         seed=seed))
+    return pipeline.Hooks(overrides=tuple(overrides)) + concept_lib.offsets_hooks(concepts)
 
 
 def read_latents(path: str | os.PathLike, shape: tuple[int, int, int, int]) -> np.ndarray:
@@ -90,8 +110,8 @@ def generate_files(model: str | os.PathLike, prompts: Sequence[str], out: str | 
     """Samples ``num_images`` per prompt and writes them (:func:`e4t_jax.pipeline.save_images`).
 
     Args:
-      model: the base model; ``concepts``: concept files for it (each prompt must name
-        at least one of their placeholders).
+      model: the base model; ``concepts``: concept files for it, of one domain encoder
+        (each prompt must name at least one of their placeholders).
       out: the output folder.
       init_latents: a ``.npy`` of initial noise (:func:`read_latents`).
       seed: the initial noise (without ``init_latents``) and the re-encoding noise.
@@ -114,7 +134,7 @@ def generate_files(model: str | os.PathLike, prompts: Sequence[str], out: str | 
     timings, start = {}, time.perf_counter()
     sd, params, tokenizer = pipeline.load_model(model, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
                                                 variant=variant)
-    loaded = [concept_lib.load_concept(path, sd, tokenizer) for path in concepts]
+    loaded = concept_lib.load_concepts(concepts, sd, tokenizer)
     placeholders = [c.placeholder for c in loaded]
     try:
         for prompt in prompts:  # each prompt must name at least one of the concepts

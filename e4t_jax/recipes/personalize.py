@@ -23,7 +23,7 @@ import numpy as np
 from e4t_jax import files, pipeline
 from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t import model as model_lib
-from e4t_jax.e4t.pretrained import default_encoder, encoder_folder, load_pretrained
+from e4t_jax.e4t.pretrained import default_encoder, encoder_fingerprint, encoder_folder, load_pretrained
 from e4t_jax.errors import UserError
 from e4t_jax.training import data, steps
 from e4t_jax.training.config import OptimizerConfig, TrainConfig
@@ -137,25 +137,30 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None =
 
 
 def tuned_concept(e: model_lib.E4T, result: Personalized) -> concept_lib.Concept:
-    """The tuned concept, as if loaded from its file (for sampling right away, or re-encoding)."""
-    return concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, result.embedding,
-                               result.params.offsets, e.config, header={}, image=result.image)
+    """The tuned concept, as if loaded from its file (for sampling right away, or re-encoding):
+    ``e``'s offsets as the domain's, and the change that tuning made to them."""
+    domain = jax.device_get(e.params.offsets)
+    return concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, result.embedding, e.config,
+                               domain=domain, delta=concept_lib.offsets_change(result.params.offsets, domain),
+                               image=result.image)
 
 
 def save(path: str | os.PathLike, e: model_lib.E4T, result: Personalized, *, save_encoder: bool = False,
          run: dict[str, Any] | None = None) -> Path:
-    """Writes the concept file (:func:`e4t_jax.e4t.concept.save_concept`).
+    """Writes the concept file (:func:`e4t_jax.e4t.concept.save_concept`): ``e``'s offsets as the
+    domain offsets and the tuned ones' change of them.
 
     Args:
       save_encoder: also store the tuned head (only when it was tuned).
       run: more facts for the header's ``run`` (e.g. the image's file name).
     """
-    params = jax.device_get(result.params)
+    concept = tuned_concept(e, result)
     facts = {"steps": result.train.steps, "lr": result.train.optimizer.lr, "loss_before": result.loss_before,
              "loss_after": result.loss_after, **(run or {})}
-    return concept_lib.save_concept(path, embedding=result.embedding, offsets=params.offsets, config=e.config,
-                                    sd=e.sd, head=params.head if save_encoder and result.tune_encoder else None,
-                                    image=result.image, run=facts)
+    head = jax.device_get(result.params.head) if save_encoder and result.tune_encoder else None
+    return concept_lib.save_concept(path, embedding=concept.embedding, config=concept.config, sd=e.sd,
+                                    domain=concept.domain, delta=concept.delta, head=head, image=concept.image,
+                                    run=facts)
 
 
 def preview(e: model_lib.E4T, result: Personalized, image: np.ndarray, prompts: Sequence[str], *,
@@ -221,6 +226,7 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
     except ValueError as error:
         raise UserError(str(error)) from error
     log.info("%s; tuning %s", e.describe(), "encoder head + offsets" if tune_encoder else "offsets only")
+    log.info("domain encoder %s, fingerprint %s", encoder, encoder_fingerprint(e.config, e.params.offsets)[:12])
     timings["load"] = time.perf_counter() - start
 
     train = default_train(e, steps_count, batch_size, lr, seed)

@@ -261,8 +261,8 @@ class SampleWriter:
 
         e, frozen = self.e, self.frozen
         embedding = np.asarray(self.embed(params, frozen, self.pixels[None])[0])
-        concept = concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, embedding, params.offsets,
-                                      e.config, header={})
+        concept = concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, embedding, e.config,
+                                      domain=params.offsets, delta=jax.tree.map(np.zeros_like, params.offsets))
         images = self.generator(frozen.base, self.ids, self.uncond, seed=self.seed, num_steps=20,
                                 hooks=concept.hooks())
         grid = pipeline.image_grid(pipeline.to_uint8(np.concatenate([(self.pixels[None] + 1) / 2, images])))
