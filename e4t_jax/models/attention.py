@@ -42,8 +42,8 @@ RECOMPUTE_MIN_SCORES = 1 << 14
 _CPU_BLOCK_ELEMENTS = 1 << 20
 # Elsewhere, only split when the scores of all heads would exceed 1 GiB of float32.
 _ACCELERATOR_BLOCK_ELEMENTS = 1 << 28
-# splash_attention: the largest query / key block (MaxText's default); blocks and
-# head dims are multiples of the TPU's 128 lanes.
+# splash_attention: the largest query / key block (not tuned: no TPU here); blocks and
+# padded head dims are multiples of the TPU's 128 lanes.
 SPLASH_MAX_BLOCK = 512
 _LANES = 128
 IMPLEMENTATIONS = ("splash", "cudnn", "recompute", "einsum")
@@ -137,10 +137,10 @@ def splash_attention(
 ) -> jax.Array:
     """Attention through JAX's Pallas TPU splash-attention kernel (``make_splash_mha``).
 
-    Why splash rather than ``pallas.ops.tpu.flash_attention``: the latter raises for
-    head dims above 128 that are not multiples of 128 (SD 1.x's 160) and takes no key
-    masks without a dense ``[B, H, Lq, Lk]`` bias; splash takes per-token segment ids
-    (key padding without a dense mask) and skips fully masked blocks.
+    Why splash rather than ``pallas.ops.tpu.flash_attention``: both take segment ids
+    (key padding without a dense ``[B, H, Lq, Lk]`` mask), but flash raises for head dims
+    above 128 that are not multiples of 128 (SD 1.x's 160), while splash is the TPU
+    kernel JAX keeps developing (separate dq / dkv backward blocks, block-sparse masks).
 
     The kernel sees ``[H, L, D]`` per batch element (vmapped over ``B``), with no scale
     argument: ``q`` is multiplied by ``scale`` first (in float32, then rounded back to
