@@ -166,6 +166,10 @@ def splash_attention(
 
     Returns:
       ``[B, Lq, H, D]`` in ``q.dtype``; logits and softmax are float32 inside the kernel.
+
+    Not checked on a TPU (none here): compilation by Mosaic, speed, and how XLA
+    partitions the kernel's custom call under a multi-device ``jit`` (if it gathers a
+    batch-sharded input, the fix is a ``shard_map`` over the batch axis).
     """
     batch, queries, heads, dim = q.shape
     keys = k.shape[1]
