@@ -28,6 +28,7 @@ from e4t_jax.e4t import vision as vision_lib
 from e4t_jax.e4t.config import E4TConfig, ModelConfig
 from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.models import clip
+from test_clip import _randomize  # the perturbation of the transformers parity tests
 
 OPENAI_STATS = {"mean": list(clip.CLIP_MEAN), "std": list(clip.CLIP_STD)}
 # 3 layers of width 32 (4 heads of 8), MLP 80 wide (mlp_ratio 2.5), 4 x 4 patches of 8 pixels.
@@ -69,14 +70,6 @@ def _torchvision_stub() -> dict[str, types.ModuleType]:
     return modules
 
 
-def _randomize(model: torch.nn.Module) -> torch.nn.Module:
-    """Perturbs every parameter (norm scales off 1, biases off 0), so that swaps would show."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model.eval()
-
 
 def _open_clip_config(quick_gelu: bool, vision_cfg: dict = VISION_CFG, **preprocess) -> dict:
     """An ``open_clip_config.json`` as on the Hub."""
@@ -99,10 +92,10 @@ def _state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module", params=[False, True], ids=["gelu", "quick_gelu"])
 def reference(request, tmp_path_factory):
     """A tiny random open_clip ``CLIP`` saved as an OpenCLIP Hub folder, and our loaded tower."""
-    model_lib = _open_clip_model()
+    open_clip_model = _open_clip_model()
     torch.manual_seed(0)
-    model = _randomize(model_lib.CLIP(16, vision_cfg=model_lib.CLIPVisionCfg(**VISION_CFG),
-                                      text_cfg=model_lib.CLIPTextCfg(**TEXT_CFG), quick_gelu=request.param))
+    model = _randomize(open_clip_model.CLIP(16, vision_cfg=open_clip_model.CLIPVisionCfg(**VISION_CFG),
+                                            text_cfg=open_clip_model.CLIPTextCfg(**TEXT_CFG), quick_gelu=request.param))
     folder = _write(tmp_path_factory.mktemp("open_clip"), _state(model), _open_clip_config(request.param))
     module, params = clip.load_clip_vision(folder, with_projection=True)
     return dict(model=model, folder=folder, module=module, params=params, quick_gelu=request.param)
@@ -209,10 +202,10 @@ def test_config_defaults_and_norm_eps():
 
 def test_vit_h_14_config_maps_every_key():
     """open_clip's own ViT-H-14 config (the E4T paper's encoder), on meta tensors: no weights."""
-    model_lib = _open_clip_model()
-    config = json.loads((Path(model_lib.__file__).parent / "model_configs" / "ViT-H-14.json").read_text())
+    open_clip_model = _open_clip_model()
+    config = json.loads((Path(open_clip_model.__file__).parent / "model_configs" / "ViT-H-14.json").read_text())
     with torch.device("meta"):
-        model = model_lib.CLIP(**config)
+        model = open_clip_model.CLIP(**config)
     # One-byte stubs of the real shapes keep this test's memory small (the tower has 632M parameters).
     stubs = {key: np.broadcast_to(np.zeros((), np.bool_), tuple(value.shape)) for key, value in model.state_dict().items()}
     module = clip.CLIPVisionTransformer(clip.CLIPVisionConfig.from_openclip(config), with_projection=True)
