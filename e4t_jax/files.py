@@ -208,14 +208,28 @@ def read_encoder_config(directory: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: the directory is missing or not an encoder checkpoint.
+      UserError: its config item is over :data:`e4t_jax.weights.MAX_JSON_BYTES`, not
+        JSON, or not a JSON object.
     """
     import orbax.checkpoint as ocp
 
+    from e4t_jax import weights
+
     path = absolute(directory)
-    if not os.path.isdir(os.path.join(path, "config")) and "://" not in path:
-        what = "does not exist" if not os.path.exists(path) else "is not an exported E4T encoder (no config item)"
-        raise FileNotFoundError(f"encoder checkpoint {path} {what}")
-    return _encoder_checkpointer().restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    if "://" not in path:
+        if not os.path.isdir(os.path.join(path, "config")):
+            what = "does not exist" if not os.path.exists(path) else "is not an exported E4T encoder (no config item)"
+            raise FileNotFoundError(f"encoder checkpoint {path} {what}")
+        for entry in Path(path, "config").iterdir():
+            weights.check_size(entry)
+    try:
+        config = _encoder_checkpointer().restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except (ValueError, RecursionError) as error:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"encoder checkpoint {path}: its config item is not valid JSON ({error})") from None
+    if not isinstance(config["config"], dict):
+        raise UserError(f"encoder checkpoint {path}: its config item is a JSON {type(config['config']).__name__}, "
+                        "not an object")
+    return config["config"]
 
 
 def load_encoder(directory: str | os.PathLike, *, expected: dict[str, Any] | None,
@@ -229,7 +243,8 @@ def load_encoder(directory: str | os.PathLike, *, expected: dict[str, Any] | Non
       sharding: a ``jax.sharding.Sharding`` for every array (default: the first local device).
 
     Raises:
-      FileNotFoundError: the directory is missing or not an encoder checkpoint.
+      FileNotFoundError: the directory is missing, not an encoder checkpoint, or has no params item.
+      UserError: its config is unreadable (:func:`read_encoder_config`).
       ValueError: the encoder was pre-trained for another base model.
     """
     import jax
@@ -242,6 +257,8 @@ def load_encoder(directory: str | os.PathLike, *, expected: dict[str, Any] | Non
         if mismatches:
             raise ValueError(f"encoder {path} was pre-trained for a base model with " + ", and ".join(mismatches)
                              + ". Use the base model it was trained with, or pre-train an encoder for this one.")
+    if "://" not in path and not os.path.isdir(os.path.join(path, "params")):
+        raise FileNotFoundError(f"encoder checkpoint {path} is incomplete: it has no params item (the head's weights)")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpointer = _encoder_checkpointer()
     tree = checkpointer.metadata(path).item_metadata["params"].tree
