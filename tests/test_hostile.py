@@ -8,16 +8,20 @@ Model and encoder folders with missing, damaged, foreign or absurd configs are r
 by the CLIs in one line, before anything is allocated.
 """
 import importlib
+import json
 import logging
 import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from e4t_jax import weights
 from e4t_jax.training import data
 
 SIDE = 24
@@ -190,3 +194,146 @@ def test_personalize_refuses_each_broken_image_in_one_line(broken, encoder, tmp_
         line = _one_error_line(capsys)
         assert reason in line and name in line, line
         assert not (tmp_path / "c.safetensors").exists()
+
+
+# --------------------------------------------------------------------- model folders
+
+
+def _edit_json(file, **changes):
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({**config, **changes}))
+
+
+def _big_json(file):
+    file.write_text(" " * weights.MAX_JSON_BYTES + "{}")
+
+
+# What to break in a copy of the tiny model, what the one line must say, and the part
+# whose weights are never read (refused before: "*", no weights read at all).
+MODEL_DAMAGE = {
+    "no vae folder": (lambda m: shutil.rmtree(m / "vae"), "has no vae/ folder", "*"),
+    "no unet config": (lambda m: (m / "unet" / "config.json").unlink(), "config.json is missing", "*"),
+    "unet config not JSON": (lambda m: (m / "unet" / "config.json").write_text("{'sample_size': 8"),
+                             "is not valid JSON", "*"),
+    "unet config a list": (lambda m: (m / "unet" / "config.json").write_text("[8, 4]"), "not the object", "*"),
+    "deeply nested JSON": (lambda m: (m / "vae" / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+                           "is not valid JSON", "vae"),
+    "oversized config": (lambda m: _big_json(m / "scheduler" / "scheduler_config.json"), "over the limit", None),
+    "oversized tokenizer file": (lambda m: _big_json(m / "tokenizer" / "vocab.json"), "over the limit", None),
+    "million channels": (lambda m: _edit_json(m / "unet" / "config.json", block_out_channels=[10**6, 10**6]),
+                         "tensor", "*"),
+    "billion-wide text": (lambda m: _edit_json(m / "text_encoder" / "config.json", hidden_size=10**9),
+                          "hidden_size is 1000000000; it must be from 1 to 1048576", "text_encoder"),
+    "million layers": (lambda m: _edit_json(m / "text_encoder" / "config.json", num_hidden_layers=10**6),
+                       "num_hidden_layers is 1000000; it must be from 1 to 256", "text_encoder"),
+    "negative layers": (lambda m: _edit_json(m / "vae" / "config.json", layers_per_block=-1),
+                        "layers_per_block is -1", "vae"),
+    "zero width": (lambda m: _edit_json(m / "unet" / "config.json", cross_attention_dim=0),
+                   "cross_attention_dim is 0", "*"),
+    "string size": (lambda m: _edit_json(m / "unet" / "config.json", in_channels="4"),
+                    "in_channels must be int, got '4'", "*"),
+    "string list": (lambda m: _edit_json(m / "vae" / "config.json", block_out_channels=16), "vae/config.json", "vae"),
+    "groups that do not divide": (lambda m: _edit_json(m / "vae" / "config.json", norm_num_groups=7),
+                                  "describes no model that can be built", "vae"),
+    "too many levels": (lambda m: _edit_json(m / "unet" / "config.json", down_block_types=["DownBlock2D"] * 40,
+                                             up_block_types=["UpBlock2D"] * 40, block_out_channels=[32] * 40,
+                                             layers_per_block=1, attention_head_dim=4),
+                        "from 1 to 8 resolution levels", "*"),
+}
+
+
+@pytest.fixture
+def damaged(tiny_model_dir, tmp_path):
+    """A copy of the tiny model to break."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    return model
+
+
+def _generate(model, tmp_path):
+    argv = ["--model", str(model), "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path / "images")]
+    return importlib.import_module("infer.generate").main(argv)
+
+
+@pytest.mark.parametrize("damage", MODEL_DAMAGE)
+def test_a_damaged_model_folder_is_refused_in_one_line(damaged, tmp_path, monkeypatch, capsys, damage):
+    breaking, message, unread = MODEL_DAMAGE[damage]
+    breaking(damaged)
+    read_weights = weights.load_state_dict
+
+    def spy(folder, **kwargs):
+        assert unread not in ("*", Path(folder).name), f"{folder}'s weights were read before its config was refused"
+        return read_weights(folder, **kwargs)
+
+    monkeypatch.setattr(weights, "load_state_dict", spy)
+    assert _generate(damaged, tmp_path) == 2
+    line = _one_error_line(capsys)
+    assert message in line, line
+    assert not (tmp_path / "images").exists()
+
+
+def test_weights_that_do_not_fit_their_config_are_named(damaged, tmp_path, capsys):
+    _edit_json(damaged / "text_encoder" / "config.json", intermediate_size=72)
+    assert _generate(damaged, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The checkpoint does not fit the CLIP text encoder configuration:")
+    assert "mlp.fc2.weight: checkpoint (32, 64), model expects (72, 32)" in err and "Traceback" not in err
+
+
+def test_the_limits_are_checked_on_abstract_params_only(monkeypatch):
+    """The total is counted by eval_shape: a model just over the limit is refused, nothing allocated."""
+    from e4t_jax.models import limits
+    from e4t_jax.models.unet import UNetConfig, unet_abstract_params
+
+    config = UNetConfig(sample_size=8, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",
+                        "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=(1, 1),
+                        num_attention_heads=(4, 4), transformer_layers_per_block=(1, 1),
+                        only_cross_attention=(False, False), cross_attention_dim=32, norm_num_groups=16)
+    total = sum(leaf.size for leaf in jax.tree.leaves(unet_abstract_params(config)))
+    monkeypatch.setattr(limits, "MAX_PARAMS", total)
+    unet_abstract_params(config)
+    monkeypatch.setattr(limits, "MAX_PARAMS", total - 1)
+    with pytest.raises(ValueError, match=f"asks for {total} parameters, over the limit of {total - 1}"):
+        unet_abstract_params(config)
+
+
+# -------------------------------------------------------------------- encoder folders
+
+
+def _copy_encoder(encoder, tmp_path):
+    copy = tmp_path / "encoder"
+    shutil.copytree(encoder, copy)
+    return copy
+
+
+def _wrong_width(file):
+    config = json.loads(file.read_text())
+    config["e4t"]["encoder"]["hidden_dim"] = "wide"
+    file.write_text(json.dumps(config))
+
+
+ENCODER_DAMAGE = {
+    "no config item": (lambda e: shutil.rmtree(e / "config"), "is a folder but not a domain encoder"),
+    "no params item": (lambda e: shutil.rmtree(e / "params"), "has no params item"),
+    "config not JSON": (lambda e: (e / "config" / "metadata").write_text('{"e4t": '), "is not valid JSON"),
+    "config a list": (lambda e: (e / "config" / "metadata").write_text("[1]"), "is a JSON list, not an object"),
+    "oversized config": (lambda e: _big_json(e / "config" / "metadata"), "over the limit"),
+    "wrong types": (lambda e: _wrong_width(e / "config" / "metadata"), "encoder config.encoder.hidden_dim must be int"),
+    "another model": (lambda e: _edit_json(e / "config" / "metadata", base_model={
+        "text_width": 768, "cross_attention_dim": 768, "unet_architecture": {"cross_attention_dim": 768}}),
+        "was pre-trained for a base model with text width 768; this model has 32"),
+}
+
+
+@pytest.mark.parametrize("damage", ENCODER_DAMAGE)
+def test_a_damaged_encoder_folder_is_refused_by_personalize_in_one_line(encoder, tmp_path, capsys, damage):
+    breaking, message = ENCODER_DAMAGE[damage]
+    copy = _copy_encoder(encoder, tmp_path)
+    breaking(copy)
+    Image.fromarray(_rgb()).save(tmp_path / "me.png")
+    argv = ["--model", "tiny", "--encoder", str(copy), "--image", str(tmp_path / "me.png"),
+            "--out", str(tmp_path / "me.safetensors"), "--no-preview"]
+    assert _personalize(argv) == 2
+    line = _one_error_line(capsys)
+    assert message in line, line
+    assert not (tmp_path / "me.safetensors").exists()
