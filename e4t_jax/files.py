@@ -22,6 +22,10 @@ from e4t_jax.errors import UserError
 
 PyTree = Any
 
+#: The largest JSON (or tokenizer) file of a model or encoder that is read: 16 MiB. Configs
+#: are a few KiB; CLIP's tokenizer.json, the largest file of the kind, is 3.5 MiB.
+MAX_JSON_BYTES = 2**24
+
 IDENTITY_NAMES = {
     "text_width": "text width",
     "cross_attention_dim": "U-Net cross-attention width",
@@ -48,6 +52,18 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def check_size(file: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> None:
+    """Refuses a file of a model larger than ``limit`` bytes before it is read.
+
+    Raises:
+      UserError: naming the file, its size and the limit.
+    """
+    size = os.path.getsize(file)
+    if size > limit:
+        raise UserError(f"{file} is {size} bytes, over the limit of {limit} for this kind of file "
+                        "(e4t_jax.files.MAX_JSON_BYTES): it is no config or tokenizer file")
 
 
 def _umask() -> int:
@@ -208,12 +224,10 @@ def read_encoder_config(directory: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: the directory is missing or not an encoder checkpoint.
-      UserError: its config item is over :data:`e4t_jax.weights.MAX_JSON_BYTES`, not
+      UserError: its config item is over :data:`MAX_JSON_BYTES`, not
         JSON, or not a JSON object.
     """
     import orbax.checkpoint as ocp
-
-    from e4t_jax import weights
 
     path = absolute(directory)
     if "://" not in path:
@@ -221,7 +235,7 @@ def read_encoder_config(directory: str | os.PathLike) -> dict[str, Any]:
             what = "does not exist" if not os.path.exists(path) else "is not an exported E4T encoder (no config item)"
             raise FileNotFoundError(f"encoder checkpoint {path} {what}")
         for entry in Path(path, "config").iterdir():
-            weights.check_size(entry)
+            check_size(entry)
     try:
         config = _encoder_checkpointer().restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     except (ValueError, RecursionError) as error:  # json.JSONDecodeError is a ValueError

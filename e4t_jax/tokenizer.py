@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from e4t_jax import weights
+from e4t_jax import files
 
 
 def _not_the_torch_notice(record: logging.LogRecord) -> bool:
@@ -161,7 +161,7 @@ class Tokenizer:
 
         Raises:
           FileNotFoundError: no tokenizer files.
-          UserError: one of them is over :data:`e4t_jax.weights.MAX_JSON_BYTES`.
+          UserError: one of them is over :data:`e4t_jax.files.MAX_JSON_BYTES`.
         """
         folder = Path(model_dir)
         if (folder / "tokenizer").is_dir():
@@ -172,7 +172,7 @@ class Tokenizer:
                 "model folder) or vocab.json + merges.txt in the folder itself")
         for file in folder.iterdir():  # what from_pretrained reads: its JSON files and merges.txt
             if file.suffix in (".json", ".txt") and file.is_file():
-                weights.check_size(file)
+                files.check_size(file)
         return cls(transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True))
 
     @property

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from e4t_jax import files
 from e4t_jax.errors import UserError
 
 PyTree = Any
@@ -46,9 +47,6 @@ LIST_NAMES = frozenset({
 _INDEXED = re.compile(r"^(?P<name>.+)_(?P<index>\d+)$")
 _RENAMED_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-#: The largest JSON (or tokenizer) file of a model that is read: 16 MiB. Configs are a few
-#: KiB; CLIP's tokenizer.json, the largest file of the kind, is 3.5 MiB.
-MAX_JSON_BYTES = 2**24
 
 # Old VAE checkpoints (e.g. the SD 1.x repositories) name the mid-block attention
 # projections differently; diffusers renames them on load, and so do we.
@@ -318,23 +316,19 @@ def save_safetensors(params: PyTree, path: str | os.PathLike, *, prefix: str = "
     """Writes a params pytree as a PyTorch-layout safetensors file (round-trips exactly)."""
     from safetensors.numpy import save_file
 
-    from e4t_jax.files import honour_umask
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(params_to_state_dict(params, prefix=prefix), str(path), metadata=metadata)
-    honour_umask(path)
+    files.honour_umask(path)
 
 
 def save_pytree(tree: PyTree, path: str | os.PathLike) -> None:
     """Writes a nested dict of arrays as safetensors, keys joined by ``/`` (no layout change)."""
     from safetensors.numpy import save_file
 
-    from e4t_jax.files import honour_umask
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
     save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path))
-    honour_umask(path)
+    files.honour_umask(path)
 
 
 def load_pytree(path: str | os.PathLike) -> PyTree:
@@ -437,27 +431,15 @@ def resolve_model(path_or_id: str | os.PathLike, *, parts: Sequence[str] | None 
             "--model DIR.") from e
 
 
-def check_size(file: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> None:
-    """Refuses a file of a model larger than ``limit`` bytes before it is read.
-
-    Raises:
-      UserError: naming the file, its size and the limit.
-    """
-    size = os.path.getsize(file)
-    if size > limit:
-        raise UserError(f"{file} is {size} bytes, over the limit of {limit} for this kind of file "
-                        "(e4t_jax.weights.MAX_JSON_BYTES); it is not a model's file")
-
-
 def read_json(file: str | os.PathLike) -> dict[str, Any]:
     """A model's JSON object file (a config, an index, ``model_index.json``), at most
-    :data:`MAX_JSON_BYTES`.
+    :data:`e4t_jax.files.MAX_JSON_BYTES`.
 
     Raises:
       FileNotFoundError: no such file.
       UserError: too large, not JSON (or too deeply nested), or not a JSON object.
     """
-    check_size(file)
+    files.check_size(file)
     try:
         value = json.loads(Path(file).read_bytes())
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from e4t_jax import weights
+from e4t_jax import files, weights
 from e4t_jax.training import data
 
 SIDE = 24
@@ -205,7 +205,7 @@ def _edit_json(file, **changes):
 
 
 def _big_json(file):
-    file.write_text(" " * weights.MAX_JSON_BYTES + "{}")
+    file.write_text(" " * files.MAX_JSON_BYTES + "{}")
 
 
 # What to break in a copy of the tiny model, what the one line must say, and the part
