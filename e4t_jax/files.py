@@ -238,7 +238,7 @@ def read_encoder_config(directory: str | os.PathLike) -> dict[str, Any]:
             check_size(entry)
     try:
         config = _encoder_checkpointer().restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    except (ValueError, RecursionError) as error:  # json.JSONDecodeError is a ValueError
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise UserError(f"encoder checkpoint {path}: its config item is not valid JSON ({error})") from None
     if not isinstance(config["config"], dict):
         raise UserError(f"encoder checkpoint {path}: its config item is a JSON {type(config['config']).__name__}, "

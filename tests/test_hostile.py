@@ -297,6 +297,18 @@ def test_the_limits_are_checked_on_abstract_params_only(monkeypatch):
         unet_abstract_params(config)
 
 
+def test_a_vision_tower_config_is_checked_before_its_weights(tiny_model_dir, tmp_path, monkeypatch):
+    from e4t_jax.errors import UserError
+    from e4t_jax.models import clip
+
+    tower = tmp_path / "image_encoder"
+    shutil.copytree(tiny_model_dir / "image_encoder", tower)
+    _edit_json(tower / "config.json", image_size=10**7)
+    monkeypatch.setattr(weights, "load_state_dict", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(UserError, match=r"image_encoder/config.json: CLIP vision config.image_size is 10000000"):
+        clip.load_clip_vision(tower)
+
+
 # -------------------------------------------------------------------- encoder folders
 
 
