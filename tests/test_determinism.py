@@ -3,8 +3,9 @@
 ``e4t-personalize`` (the concept file's tensors and the preview PNG), ``e4t-generate``
 (the PNGs) and ``e4t-pretrain`` (the exported encoder's params) each run twice as
 subprocesses on the tiny model, one after the other. The second run reads the programs
-that the first one compiled from their shared (new) compilation cache: each run compiling
-its own gave the same bytes too, at 10 minutes on 2 busy CPU cores.
+that the first one compiled from their shared (new) compilation cache; two
+``e4t-personalize`` runs that each compiled their own wrote the same bytes too (checked
+once: 10 minutes on 2 busy CPU cores, too slow to keep).
 """
 import os
 import subprocess

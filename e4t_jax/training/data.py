@@ -50,7 +50,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 #: The largest image decoded, in pixels (width x height, after a JPEG's reduced-scale
 #: draft): 2**26, e.g. 8192 x 8192, 192 MiB as uint8 RGB. Checked on the file's header,
-#: whatever PIL's own ``Image.MAX_IMAGE_PIXELS`` is set to.
+#: whatever PIL's own ``Image.MAX_IMAGE_PIXELS`` is set to (PIL warns from its default,
+#: about 89M pixels, and refuses from twice that while opening the file).
 MAX_IMAGE_PIXELS = 2**26
 
 # What PIL and its plugins raise on a damaged or hostile file.
