@@ -318,9 +318,9 @@ def _copy_encoder(encoder, tmp_path):
     return copy
 
 
-def _wrong_width(file):
+def _set_encoder(file, field, value):
     config = json.loads(file.read_text())
-    config["e4t"]["encoder"]["hidden_dim"] = "wide"
+    config["e4t"]["encoder"][field] = value
     file.write_text(json.dumps(config))
 
 
@@ -330,7 +330,10 @@ ENCODER_DAMAGE = {
     "config not JSON": (lambda e: (e / "config" / "metadata").write_text('{"e4t": '), "is not valid JSON"),
     "config a list": (lambda e: (e / "config" / "metadata").write_text("[1]"), "is a JSON list, not an object"),
     "oversized config": (lambda e: _big_json(e / "config" / "metadata"), "over the limit"),
-    "wrong types": (lambda e: _wrong_width(e / "config" / "metadata"), "encoder config.encoder.hidden_dim must be int"),
+    "wrong types": (lambda e: _set_encoder(e / "config" / "metadata", "hidden_dim", "wide"),
+                    "encoder config.encoder.hidden_dim must be int"),
+    "params of another head": (lambda e: _set_encoder(e / "config" / "metadata", "hidden_dim", 48),
+                               "its config builds"),
     "another model": (lambda e: _edit_json(e / "config" / "metadata", base_model={
         "text_width": 768, "cross_attention_dim": 768, "unet_architecture": {"cross_attention_dim": 768}}),
         "was pre-trained for a base model with text width 768; this model has 32"),
