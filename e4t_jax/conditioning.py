@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from e4t_jax import weights
+from e4t_jax.errors import UserError
 from e4t_jax.models.clip import CLIPTextTransformer, load_clip_text
 
 PyTree = Any
@@ -89,7 +90,7 @@ def load(folder: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any =
     """The conditioner of a ``text_encoder/`` folder and its params (``variant``: its weight files')."""
     model_type = weights.read_config(folder).get("model_type", "clip_text_model")
     if model_type not in TEXT_CONDITIONERS:
-        raise ValueError(f"{folder}: no text conditioner for model_type {model_type!r}; "
+        raise UserError(f"{folder}: no text conditioner for model_type {model_type!r}; "
                          f"known: {sorted(TEXT_CONDITIONERS)} (e4t_jax.conditioning.register adds one)")
     return TEXT_CONDITIONERS[model_type](folder, dtype, param_dtype, **({"variant": variant} if variant else {}))
 

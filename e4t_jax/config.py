@@ -83,6 +83,19 @@ def from_dict(cls: type[T], values: Any, where: str | None = None) -> T:
         raise ValueError(f"{where}: {error}") from error
 
 
+def check_types(config: Any, where: str | None = None) -> None:
+    """Refuses a dataclass whose field values do not fit their annotations, as :func:`from_dict`
+    would (for configs built by their own constructors, e.g. from a model's ``config.json``).
+
+    Raises:
+      ValueError: naming the first field that does not fit.
+    """
+    where = where or type(config).__name__
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        _convert(getattr(config, field.name), hints[field.name], f"{where}.{field.name}")
+
+
 def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     """Dotted paths where two :func:`to_dict` trees differ, e.g. ``["train.optimizer.lr"]``."""
     if isinstance(saved, dict) and isinstance(current, dict):

@@ -22,6 +22,10 @@ from e4t_jax.errors import UserError
 
 PyTree = Any
 
+#: The largest JSON (or tokenizer) file of a model or encoder that is read: 16 MiB. Configs
+#: are a few KiB; CLIP's tokenizer.json, the largest file of the kind, is 3.5 MiB.
+MAX_JSON_BYTES = 2**24
+
 IDENTITY_NAMES = {
     "text_width": "text width",
     "cross_attention_dim": "U-Net cross-attention width",
@@ -48,6 +52,18 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def check_size(file: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> None:
+    """Refuses a file of a model larger than ``limit`` bytes before it is read.
+
+    Raises:
+      UserError: naming the file, its size and the limit.
+    """
+    size = os.path.getsize(file)
+    if size > limit:
+        raise UserError(f"{file} is {size} bytes, over the limit of {limit} for this kind of file "
+                        "(e4t_jax.files.MAX_JSON_BYTES): it is no config or tokenizer file")
 
 
 def _umask() -> int:
@@ -208,14 +224,26 @@ def read_encoder_config(directory: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: the directory is missing or not an encoder checkpoint.
+      UserError: its config item is over :data:`MAX_JSON_BYTES`, not
+        JSON, or not a JSON object.
     """
     import orbax.checkpoint as ocp
 
     path = absolute(directory)
-    if not os.path.isdir(os.path.join(path, "config")) and "://" not in path:
-        what = "does not exist" if not os.path.exists(path) else "is not an exported E4T encoder (no config item)"
-        raise FileNotFoundError(f"encoder checkpoint {path} {what}")
-    return _encoder_checkpointer().restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    if "://" not in path:
+        if not os.path.isdir(os.path.join(path, "config")):
+            what = "does not exist" if not os.path.exists(path) else "is not an exported E4T encoder (no config item)"
+            raise FileNotFoundError(f"encoder checkpoint {path} {what}")
+        for entry in Path(path, "config").iterdir():
+            check_size(entry)
+    try:
+        config = _encoder_checkpointer().restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise UserError(f"encoder checkpoint {path}: its config item is not valid JSON ({error})") from None
+    if not isinstance(config["config"], dict):
+        raise UserError(f"encoder checkpoint {path}: its config item is a JSON {type(config['config']).__name__}, "
+                        "not an object")
+    return config["config"]
 
 
 def load_encoder(directory: str | os.PathLike, *, expected: dict[str, Any] | None,
@@ -229,7 +257,8 @@ def load_encoder(directory: str | os.PathLike, *, expected: dict[str, Any] | Non
       sharding: a ``jax.sharding.Sharding`` for every array (default: the first local device).
 
     Raises:
-      FileNotFoundError: the directory is missing or not an encoder checkpoint.
+      FileNotFoundError: the directory is missing, not an encoder checkpoint, or has no params item.
+      UserError: its config is unreadable (:func:`read_encoder_config`).
       ValueError: the encoder was pre-trained for another base model.
     """
     import jax
@@ -242,6 +271,8 @@ def load_encoder(directory: str | os.PathLike, *, expected: dict[str, Any] | Non
         if mismatches:
             raise ValueError(f"encoder {path} was pre-trained for a base model with " + ", and ".join(mismatches)
                              + ". Use the base model it was trained with, or pre-train an encoder for this one.")
+    if "://" not in path and not os.path.isdir(os.path.join(path, "params")):
+        raise FileNotFoundError(f"encoder checkpoint {path} is incomplete: it has no params item (the head's weights)")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpointer = _encoder_checkpointer()
     tree = checkpointer.metadata(path).item_metadata["params"].tree

@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from e4t_jax import files
+
 
 def _not_the_torch_notice(record: logging.LogRecord) -> bool:
     """transformers says "PyTorch was not found" on import; e4t-jax needs only its tokenizer."""
@@ -155,7 +157,12 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, model_dir: str | os.PathLike) -> "Tokenizer":
         """Load ``model_dir/tokenizer/`` (a diffusers model folder), or ``model_dir``
-        itself when it holds ``vocab.json`` or ``tokenizer.json``. Offline."""
+        itself when it holds ``vocab.json`` or ``tokenizer.json``. Offline.
+
+        Raises:
+          FileNotFoundError: no tokenizer files.
+          UserError: one of them is over :data:`e4t_jax.files.MAX_JSON_BYTES`.
+        """
         folder = Path(model_dir)
         if (folder / "tokenizer").is_dir():
             folder = folder / "tokenizer"
@@ -163,6 +170,9 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"no CLIP tokenizer in {model_dir}: expected tokenizer/vocab.json (a diffusers "
                 "model folder) or vocab.json + merges.txt in the folder itself")
+        for file in folder.iterdir():  # what from_pretrained reads: its JSON files and merges.txt
+            if file.suffix in (".json", ".txt") and file.is_file():
+                files.check_size(file)
         return cls(transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True))
 
     @property

@@ -22,15 +22,19 @@ an OpenCLIP checkpoint's files are found by :func:`openclip_files`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import traverse_util
+
+from e4t_jax import files
+from e4t_jax.errors import UserError
 
 PyTree = Any
 
@@ -238,11 +242,19 @@ def weight_files(folder: str | os.PathLike, variant: str | None = None) -> list[
             return [single]
         index = folder / variant_name(f"{name}.safetensors.index.json", variant)
         if index.is_file():
-            return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            return [folder / shard for shard in sorted(set(_weight_map(index).values()))]
     others = sorted(folder.glob("*.safetensors"))
     if not variant and len(others) == 1 and not any(f.name.startswith(WEIGHT_NAMES) for f in others):
         return others
     raise _no_weights(folder, variant)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (key -> shard file name) of a sharded checkpoint's index file."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+        raise UserError(f"{index} has no weight_map of shard file names beside it")
+    return weight_map
 
 
 def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None) -> dict[str, np.ndarray]:
@@ -304,23 +316,19 @@ def save_safetensors(params: PyTree, path: str | os.PathLike, *, prefix: str = "
     """Writes a params pytree as a PyTorch-layout safetensors file (round-trips exactly)."""
     from safetensors.numpy import save_file
 
-    from e4t_jax.files import honour_umask
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(params_to_state_dict(params, prefix=prefix), str(path), metadata=metadata)
-    honour_umask(path)
+    files.honour_umask(path)
 
 
 def save_pytree(tree: PyTree, path: str | os.PathLike) -> None:
     """Writes a nested dict of arrays as safetensors, keys joined by ``/`` (no layout change)."""
     from safetensors.numpy import save_file
 
-    from e4t_jax.files import honour_umask
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
     save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path))
-    honour_umask(path)
+    files.honour_umask(path)
 
 
 def load_pytree(path: str | os.PathLike) -> PyTree:
@@ -423,9 +431,45 @@ def resolve_model(path_or_id: str | os.PathLike, *, parts: Sequence[str] | None 
             "--model DIR.") from e
 
 
-def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
-    """Reads a component's JSON config, with a clear error when it is missing."""
+def read_json(file: str | os.PathLike) -> dict[str, Any]:
+    """A model's JSON object file (a config, an index, ``model_index.json``), at most
+    :data:`e4t_jax.files.MAX_JSON_BYTES`.
+
+    Raises:
+      FileNotFoundError: no such file.
+      UserError: too large, not JSON (or too deeply nested), or not a JSON object.
+    """
+    files.check_size(file)
+    try:
+        value = json.loads(Path(file).read_bytes())
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{file} is not valid JSON ({str(error)[:200] or type(error).__name__})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file} holds a JSON {type(value).__name__}, not the object a config is")
+    return value
+
+
+def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict[str, Any]:
+    """Reads a component's JSON config (:func:`read_json`), with a clear error when it is missing."""
     file = Path(folder) / name
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: {Path(folder)} is not a diffusers/transformers model folder.")
-    return json.loads(file.read_text())
+    return read_json(file)
+
+
+@contextlib.contextmanager
+def config_errors(config_file: str | os.PathLike) -> Iterator[None]:
+    """Turns what parsing and checking a component's config raises into one :class:`UserError`
+    line naming the file (``config_file``, or a folder's ``config.json``).
+
+    A :class:`CheckpointError` or :class:`UserError` (already clear) passes as is.
+    """
+    path = Path(config_file)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        yield
+    except (UserError, CheckpointError):
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{file}: {reason}") from error

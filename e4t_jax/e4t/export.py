@@ -66,7 +66,7 @@ def _check_out(out: Path, inputs: list, force: bool) -> None:
 
 def _pipeline_components(model_folder: Path) -> list[str]:
     """Subfolders of the components that ``model_index.json`` lists (the U-Net excluded)."""
-    index = json.loads((model_folder / "model_index.json").read_text())
+    index = weights.read_json(model_folder / "model_index.json")
     return sorted(name for name in index
                   if not name.startswith("_") and name != "unet" and (model_folder / name).is_dir())
 

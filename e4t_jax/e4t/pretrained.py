@@ -30,7 +30,7 @@ from flax import traverse_util
 from e4t_jax import __version__, config as config_lib, files, presets, weights
 from e4t_jax.e4t.config import E4TConfig, ModelConfig
 from e4t_jax.e4t.encoder import EncoderConfig
-from e4t_jax.e4t.model import E4T, E4TParams, build, load_parts
+from e4t_jax.e4t.model import E4T, E4TParams, build, head_inputs, load_parts
 from e4t_jax.errors import UserError
 
 PyTree = Any
@@ -169,7 +169,29 @@ def load_pretrained(model_id: str | os.PathLike, encoder_dir: str | os.PathLike,
         raise UserError(str(error)) from error
     old, new = _V1_HEAD_PREFIX
     head = {name.replace(old, new, 1) if name.startswith(old) else name: value for name, value in head.items()}
+    _check_head(encoder_dir, head, jax.eval_shape(model.head.init, jax.random.key(0), *head_inputs(model))["params"])
     return E4T(model, frozen, E4TParams(head=head, offsets=offsets), tokenizer)
+
+
+def _check_head(encoder_dir: Path, head: Any, expected: Any) -> None:
+    """Refuses head params whose names or shapes are not those its config builds.
+
+    Raises:
+      UserError: naming the first parameter that differs.
+    """
+    stored = {weights.torch_key(path): tuple(leaf.shape) for path, leaf in _flat(head).items()}
+    wanted = {weights.torch_key(path): tuple(leaf.shape) for path, leaf in _flat(expected).items()}
+    for name in sorted(stored.keys() | wanted.keys()):
+        if stored.get(name) != wanted.get(name):
+            raise UserError(f"encoder {encoder_dir}: its head parameter {name} is {stored.get(name) or 'missing'}, "
+                            f"its config builds {wanted.get(name) or 'none'}; the folder's params and config "
+                            "do not belong together")
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(tree)
 
 
 def ship_encoder(encoder_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from e4t_jax import weights
+from e4t_jax.models import limits
 from e4t_jax.models.attention import dot_product_attention
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -63,7 +64,8 @@ def _from_dict(cls, config: dict):
     return cls(**{key: value for key, value in config.items() if key in names})
 
 
-def _check(config) -> None:
+def _check(config, where: str) -> None:
+    limits.check_config(config, where, counts=("num_hidden_layers",), zero_ok=("eos_token_id",))
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"hidden_size {config.hidden_size} is not divisible by "
                          f"num_attention_heads {config.num_attention_heads}.")
@@ -91,9 +93,9 @@ class CLIPTextConfig:
     projection_dim: int = 512
 
     def __post_init__(self):
-        _check(self)
         if not isinstance(self.eos_token_id, int):
             raise ValueError(f"eos_token_id must be one integer, got {self.eos_token_id!r}.")
+        _check(self, "CLIP text config")
 
     @classmethod
     def from_dict(cls, config: dict) -> "CLIPTextConfig":
@@ -117,7 +119,7 @@ class CLIPVisionConfig:
     projection_dim: int = 512
 
     def __post_init__(self):
-        _check(self)
+        _check(self, "CLIP vision config")
 
     @classmethod
     def from_dict(cls, config: dict) -> "CLIPVisionConfig":
@@ -458,10 +460,11 @@ def load_clip_text(folder: str | os.PathLike, dtype: Any = jnp.float32, param_dt
     Returns:
       ``(module, params)``: the module computes in ``dtype``; params are ``param_dtype``.
     """
-    config = CLIPTextConfig.from_dict(weights.read_config(folder))
-    module = CLIPTextTransformer(config, dtype=dtype)
-    ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
+    with weights.config_errors(folder):
+        config = CLIPTextConfig.from_dict(weights.read_config(folder))
+        module = CLIPTextTransformer(config, dtype=dtype)
+        ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
+        abstract = limits.abstract_params(module.init, ids, where="CLIP text config")
     state = weights.load_state_dict(folder, variant=variant)
     params = weights.state_dict_to_params(
         state, abstract, dtype=param_dtype, prefix=_prefix(state, "text_model."),
@@ -519,17 +522,25 @@ def openclip_vision_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return renamed
 
 
-def _vision_checkpoint(folder: Path) -> tuple[CLIPVisionConfig, dict[str, np.ndarray], str, str]:
-    """``(config, state under transformers' keys without vision_model., what, config name)`` of either format."""
+def _vision_config(folder: Path) -> tuple[CLIPVisionConfig, Path]:
+    """``(config, its file)`` of a transformers or OpenCLIP vision checkpoint; no weights read."""
+    openclip = weights.openclip_files(folder)
+    config_file = folder / "config.json" if openclip is None else openclip[1]
+    with weights.config_errors(config_file):
+        raw = weights.read_config(config_file.parent, config_file.name)
+        config = CLIPVisionConfig.from_dict(raw) if openclip is None else CLIPVisionConfig.from_openclip(raw)
+    return config, config_file
+
+
+def _vision_state(folder: Path) -> tuple[dict[str, np.ndarray], str, str]:
+    """``(state under transformers' keys without vision_model., what, config name)`` of either format."""
     openclip = weights.openclip_files(folder)
     if openclip is None:
         state = weights.load_state_dict(folder)
-        return (CLIPVisionConfig.from_dict(weights.read_config(folder)),
-                {key.removeprefix("vision_model."): value for key, value in state.items()},
+        return ({key.removeprefix("vision_model."): value for key, value in state.items()},
                 "CLIP vision encoder", "config.json")
     weights_file, config_file = openclip
-    config = CLIPVisionConfig.from_openclip(weights.read_config(config_file.parent, config_file.name))
-    return (config, openclip_vision_state(weights.read_safetensors(weights_file)),
+    return (openclip_vision_state(weights.read_safetensors(weights_file)),
             "OpenCLIP vision encoder (its visual.* keys in transformers' names)", config_file.name)
 
 
@@ -554,10 +565,12 @@ def load_clip_vision(folder: str | os.PathLike, dtype: Any = jnp.float32, param_
       CheckpointError: missing, unexpected or mis-shaped keys, an unsupported OpenCLIP
         tower, or pickle weights.
     """
-    config, state, what, config_name = _vision_checkpoint(Path(folder))
-    module = CLIPVisionTransformer(config, dtype=dtype, with_projection=with_projection)
-    pixels = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), pixels)["params"]
+    config, config_file = _vision_config(Path(folder))
+    with weights.config_errors(config_file):
+        module = CLIPVisionTransformer(config, dtype=dtype, with_projection=with_projection)
+        pixels = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
+        abstract = limits.abstract_params(module.init, pixels, where="CLIP vision config")
+    state, what, config_name = _vision_state(Path(folder))
     params = weights.state_dict_to_params(state, abstract, dtype=param_dtype, ignore=_IGNORED + (r"^text_model\.",),
                                           what=what, config_name=config_name)
     return module, params

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from e4t_jax import weights
+from e4t_jax.models import limits
 from e4t_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, group_norm
 from e4t_jax.models.transformer import Transformer2DModel
 
@@ -90,6 +91,8 @@ class UNetConfig:
         return {field: getattr(self, field) for field in SHAPE_FIELDS}
 
     def __post_init__(self):
+        limits.check_config(self, "U-Net config", counts=("layers_per_block", "transformer_layers_per_block"),
+                            levels=("down_block_types",), zero_ok=("downsample_padding",))
         blocks = len(self.down_block_types)
         for field in ("up_block_types", "block_out_channels", "layers_per_block", "num_attention_heads",
                       "transformer_layers_per_block", "only_cross_attention"):
@@ -380,12 +383,16 @@ class UNet2DConditionModel(nn.Module):
 
 
 def unet_abstract_params(config: UNetConfig) -> dict:
-    """Parameter shapes and dtypes (``jax.ShapeDtypeStruct`` pytree) of a U-Net, no compute."""
+    """Parameter shapes and dtypes (``jax.ShapeDtypeStruct`` pytree) of a U-Net, no compute.
+
+    Raises:
+      ValueError: the config builds no U-Net, or one over :mod:`e4t_jax.models.limits`.
+    """
     size = 2 ** (len(config.down_block_types) - 1)
-    sample = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
-    context = jnp.zeros((1, 1, config.cross_attention_dim), jnp.float32)
-    model = UNet2DConditionModel(config)
-    return jax.eval_shape(model.init, jax.random.key(0), sample, jnp.zeros((1,)), context)["params"]
+    sample = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32)
+    timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
+    return limits.abstract_params(UNet2DConditionModel(config).init, sample, timesteps, context, where="U-Net config")
 
 
 def load_unet(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, remat: bool = False, *,
@@ -397,7 +404,9 @@ def load_unet(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, remat: 
       ``(module, params)``: the module computes in ``dtype``; params are numpy arrays
       in ``param_dtype`` in a nested dict.
     """
-    config = UNetConfig.from_diffusers(weights.read_config(folder))
+    with weights.config_errors(folder):
+        config = UNetConfig.from_diffusers(weights.read_config(folder))
+        abstract = unet_abstract_params(config)
     state = weights.load_state_dict(folder, variant=variant)
-    params = weights.state_dict_to_params(state, unet_abstract_params(config), dtype=param_dtype, what="U-Net")
+    params = weights.state_dict_to_params(state, abstract, dtype=param_dtype, what="U-Net")
     return UNet2DConditionModel(config, dtype=dtype, remat=remat), params

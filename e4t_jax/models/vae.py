@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from e4t_jax import weights
+from e4t_jax.models import limits
 from e4t_jax.models.attention import dot_product_attention
 from e4t_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, group_norm
 
@@ -44,6 +45,9 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        limits.check_config(self, "VAE config", counts=("layers_per_block",), levels=("block_out_channels",))
 
     @property
     def downsample_factor(self) -> int:
@@ -284,10 +288,14 @@ def decode_latents(params, module: AutoencoderKL, latents: jax.Array) -> jax.Arr
 
 
 def abstract_params(module: AutoencoderKL):
-    """The params pytree of ``module`` as ``jax.ShapeDtypeStruct`` leaves (nothing computed)."""
+    """The params pytree of ``module`` as ``jax.ShapeDtypeStruct`` leaves (nothing computed).
+
+    Raises:
+      ValueError: the config builds no VAE, or one over :mod:`e4t_jax.models.limits`.
+    """
     size = module.config.downsample_factor
     images = jax.ShapeDtypeStruct((1, size, size, module.config.in_channels), jnp.float32)
-    return jax.eval_shape(module.init, jax.random.key(0), images)["params"]
+    return limits.abstract_params(module.init, images, where="VAE config")
 
 
 def load_vae(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, *,
@@ -299,8 +307,9 @@ def load_vae(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, *,
     load too. Returns ``(module, params)``; params are numpy arrays in ``param_dtype``,
     ``dtype`` is the module's compute dtype.
     """
-    config = VAEConfig.from_diffusers(weights.read_config(folder))
-    module = AutoencoderKL(config, dtype=dtype)
-    params = weights.state_dict_to_params(weights.load_state_dict(folder, variant=variant), abstract_params(module),
+    with weights.config_errors(folder):
+        module = AutoencoderKL(VAEConfig.from_diffusers(weights.read_config(folder)), dtype=dtype)
+        abstract = abstract_params(module)
+    params = weights.state_dict_to_params(weights.load_state_dict(folder, variant=variant), abstract,
                                           dtype=param_dtype, what="VAE")
     return module, params

@@ -17,6 +17,11 @@ and the template of an element are drawn from a numpy Generator seeded by (shard
 seed, element index), where the index counts epochs (``epoch * n_files + i``), so a
 restored iterator reproduces the data exactly, whatever threads or workers read it.
 
+Images are decoded by :func:`decode_image`, the one reader of user images (pre-training
+and personalization): any PIL mode (16-bit, CMYK, palette, alpha composited on white),
+EXIF orientation applied, the first frame of an animation; a file over
+:data:`MAX_IMAGE_PIXELS` is refused from its header, before any pixel is decoded.
+
 Unreadable images: decoding happens before the filter, and an unreadable file is
 replaced by a marker that the filter drops (logging ``skipped unreadable image PATH``
 once per file and recording it in :class:`SkipStats`). Skipping shifts no seeds and
@@ -31,6 +36,8 @@ import dataclasses
 import logging
 import math
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -39,7 +46,17 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+#: The largest image decoded, in pixels (width x height, after a JPEG's reduced-scale
+#: draft): 2**26, e.g. 8192 x 8192, 192 MiB as uint8 RGB. Checked on the file's header,
+#: whatever PIL's own ``Image.MAX_IMAGE_PIXELS`` is set to (PIL warns from its default,
+#: about 89M pixels, and refuses from twice that while opening the file).
+MAX_IMAGE_PIXELS = 2**26
+
+# What PIL and its plugins raise on a damaged or hostile file.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
 
 PROMPT_TEMPLATES: dict[str, list[str]] = {
     "generic": [
@@ -179,50 +196,81 @@ def _shrink(image: Image.Image, size: int) -> Image.Image:
     return image.resize(target, Image.Resampling.LANCZOS)
 
 
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded; the message says why."""
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 ``[H, W, 3]``, or an error that says what is wrong with it.
+    """An image file as uint8 ``[H, W, 3]`` (:func:`decode_image`), or an error that says what is wrong.
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: the file is not a readable picture.
+      UnreadableImage: the file is not a readable picture (empty, damaged, too large...).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    image = load_image(path)
-    if image is None:
-        raise ValueError(f"{path} is not a readable picture (jpg, png, webp, ...)")
-    return image
+    return decode_image(path)
 
 
 def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray | None:
+    """:func:`decode_image`, or None when the file cannot be decoded (pre-training skips it)."""
+    try:
+        return decode_image(path, size)
+    except UnreadableImage:
+        return None
+
+
+def decode_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """Reads an image file as uint8 ``[H, W, 3]``, upright (EXIF orientation applied).
+
+    Any mode PIL opens is converted by :func:`to_rgb`; an animated GIF or WebP gives
+    its first frame. The header's size is checked against :data:`MAX_IMAGE_PIXELS`
+    before any pixel is decoded.
 
     Args:
       path: image file.
       size: when given, images whose shortest side is longer are downscaled to it
         (aspect kept; JPEGs are decoded at reduced scale first).
 
-    Returns:
-      The RGB array, or None when the file cannot be decoded.
+    Raises:
+      UnreadableImage: naming the file and why (empty, not an image, damaged, too large).
     """
     try:
+        if os.path.getsize(path) == 0:
+            raise UnreadableImage("the file is empty (0 bytes)")
         with Image.open(path) as image:
             if size is not None and image.format == "JPEG":
                 scale = size / min(image.size)
                 image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+            _check_pixels(image.size)
             image = ImageOps.exif_transpose(image)
             return _image_array(image, size)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+    except UnreadableImage as error:
+        raise UnreadableImage(f"{path} is not a readable picture: {error}") from None
+    except _DECODE_ERRORS as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnreadableImage(f"{path} is not a readable picture (jpg, png, webp, ...): {reason}") from None
 
 
-def _image_array(image: Image.Image | np.ndarray, size: int | None) -> np.ndarray | None:
-    """PIL image or array -> uint8 ``[H, W, 3]``, shortest side at most ``size``."""
+def _check_pixels(size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnreadableImage(f"{width}x{height} is {width * height} pixels, over the limit of "
+                              f"{MAX_IMAGE_PIXELS} (MAX_IMAGE_PIXELS)")
+
+
+def _image_array(image: Image.Image | np.ndarray, size: int | None) -> np.ndarray:
+    """PIL image or array -> uint8 ``[H, W, 3]``, shortest side at most ``size``.
+
+    Raises:
+      UnreadableImage: no pixels, or more than :data:`MAX_IMAGE_PIXELS`.
+    """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if min(image.size) == 0:
-        return None
+        raise UnreadableImage("it has no pixels (0 wide or high)")
+    _check_pixels(image.size)
     rgb = to_rgb(image)
     if size is None or min(rgb.shape[:2]) <= size:
         return rgb
@@ -375,7 +423,7 @@ class _ReadSource:
         try:
             image = self.source[index]["image"]
             return None if image is None else _image_array(image, self.size)
-        except (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError):
+        except _DECODE_ERRORS:  # UnreadableImage is a ValueError
             return None
 
     def describe(self, index: int) -> str:
