@@ -339,7 +339,10 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
     metrics = loop.MetricsLog(options.out, jax.process_index() == 0)
     hooks = []
     if options.sample_every:
-        first_image = data.load_image(data.list_images(config.data.root)[0])
+        first_image = next((image for image in map(data.load_image, data.list_images(config.data.root))
+                            if image is not None), None)
+        if first_image is None:
+            raise UserError(f"no readable image in {config.data.root} to draw sample grids from")
         hooks.append(SampleWriter(e, sample_frozen, first_image, size, options.sample_every, options.out / "samples",
                                   train.seed, metrics, options))
     try:
