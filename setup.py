@@ -46,7 +46,7 @@ setup(
                               "assets/*/model/*/*"]},
     extras_require={
         "test": REFERENCE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6",
-                          "matplotlib>=3.7"],
+                          "matplotlib>=3.7", "hypothesis>=6.100"],
         "bench": REFERENCE,
     },
     entry_points={

@@ -57,6 +57,7 @@ from e4t_jax.models.unet import unet_abstract_params
 from e4t_jax.tokenizer import Tokenizer
 
 FORMAT_VERSION = 3
+TENSOR_GROUPS = ("domain", "delta", "head", "image")  # besides "embedding": the prefixes a concept's tensors have
 MAX_FILE_BYTES = 4 << 30  # dense domain + delta offsets on every attention kernel of SD 1.5 stay below
 PyTree = Any
 
@@ -147,6 +148,12 @@ def read_concept(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     if "e4t" not in metadata or "embedding" not in tensors:
         raise ConceptError(f"{path} is a safetensors file but not an E4T concept (no 'e4t' header); "
                            "pass a concept written by e4t-personalize")
+    for name, tensor in tensors.items():
+        if name != "embedding" and name.split("/", 1)[0] not in TENSOR_GROUPS:
+            raise ConceptError(f"{path}: unexpected tensor {name!r}; pass a concept written by e4t-personalize")
+        if tensor.dtype != np.float32 or not np.all(np.isfinite(tensor)):
+            what = tensor.dtype if tensor.dtype != np.float32 else "not finite"
+            raise ConceptError(f"{path}: tensor {name!r} is {what}; a concept holds finite float32 tensors only")
     try:
         header = json.loads(metadata["e4t"])
     except json.JSONDecodeError as e:
