@@ -232,8 +232,8 @@ class Concept:
 
 def check_compatible(concepts: Sequence[Concept]) -> None:
     """Raises :class:`ConceptError` unless all ``concepts`` come from one domain encoder."""
-    first, *others = concepts
-    for other in others:
+    for other in concepts[1:]:
+        first = concepts[0]
         if other.fingerprint != first.fingerprint:
             raise ConceptError(f"concepts {first.name} and {other.name} come from different domain encoders "
                                f"(fingerprints {first.fingerprint[:12]} and {other.fingerprint[:12]}); concepts "
