@@ -46,7 +46,8 @@ from e4t_jax.training import checkpoint, data, loop, parallel, steps
 from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
 log = logging.getLogger("e4t.pretrain")
-RUN_ENTRIES = frozenset({"checkpoints", "tb", "metrics.jsonl", "samples", "encoder"})  # what a run folder holds
+# What a run folder holds (``.encoder.tmp``: an encoder export that a crash interrupted, files.staging_folder).
+RUN_ENTRIES = frozenset({"checkpoints", "tb", "metrics.jsonl", "samples", "encoder", ".encoder.tmp"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +258,6 @@ class SampleWriter:
         parallel.barrier(f"e4t-samples-{step}")  # the others wait while process 0 samples
 
     def write(self, step: int, params: model_lib.E4TParams) -> None:
-        from PIL import Image
-
         e, frozen = self.e, self.frozen
         embedding = np.asarray(self.embed(params, frozen, self.pixels[None])[0])
         concept = concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, embedding, e.config,
@@ -266,9 +265,7 @@ class SampleWriter:
         images = self.generator(frozen.base, self.ids, self.uncond, seed=self.seed, num_steps=20,
                                 hooks=concept.hooks())
         grid = pipeline.image_grid(pipeline.to_uint8(np.concatenate([(self.pixels[None] + 1) / 2, images])))
-        path = self.out / f"{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
+        files.save_image(grid, self.out / f"{step:07d}.png")
         self.metrics.image(step, "samples/grid", grid)
 
 
