@@ -92,9 +92,11 @@ def _checked(manager, write: Callable[[], Any]) -> Any:
     try:
         return write()
     except Exception as error:  # noqa: BLE001 - orbax reports I/O failures as ValueError, OSError, ...
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
-        raise CheckpointSaveError(f"could not save a checkpoint in {manager.directory} ({first_line}). "
-                                  f"{_saved(manager)}: free space there, then --resume") from error
+        text = str(error).strip()
+        reason = ("No space left on device" if "No space left on device" in text
+                  else (text.splitlines() or [type(error).__name__])[0][:200])
+        raise CheckpointSaveError(f"could not save a checkpoint in {manager.directory} ({reason}). "
+                                  f"{_saved(manager)}: free space there (or fix the cause), then --resume") from error
 
 
 class MetricsLog:
