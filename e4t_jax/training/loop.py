@@ -81,10 +81,9 @@ class StopSignal:
 
 def _saved(manager) -> str:
     """Which checkpoint a failed run keeps, as a sentence."""
-    manager.reload()
     saved = manager.latest_step()
     return (f"The last good checkpoint (step {saved}) is kept in {manager.directory}" if saved is not None
-            else f"No checkpoint was saved yet in {manager.directory}")
+            else "No checkpoint was saved yet")
 
 
 def _checked(manager, write: Callable[[], Any]) -> Any:
@@ -92,6 +91,7 @@ def _checked(manager, write: Callable[[], Any]) -> Any:
     try:
         return write()
     except Exception as error:  # noqa: BLE001 - orbax reports I/O failures as ValueError, OSError, ...
+        manager.reload()  # forget the step that failed
         text = str(error).strip()
         reason = ("No space left on device" if "No space left on device" in text
                   else (text.splitlines() or [type(error).__name__])[0][:200])
