@@ -213,3 +213,23 @@ def test_encoder_export_replaces_atomically(tmp_path, monkeypatch):
     _export(encoder, 4)
     np.testing.assert_array_equal(_loaded(encoder), np.full(4, 4))
     assert [p.name for p in tmp_path.iterdir()] == ["encoder"]
+
+
+def test_a_non_finite_sample_grid_is_skipped_and_the_training_goes_on(tmp_path, caplog):
+    """SampleWriter.write on a stand-in model whose sampling ends in NaN: a warning, no grid file."""
+    import types
+
+    from e4t_jax.e4t.config import E4TConfig
+    from e4t_jax.recipes import pretrain
+
+    def nan_sampling(*args, **kwargs):
+        raise UserError("sampling produced NaN or infinite values in 3 of 3 images")
+
+    writer = object.__new__(pretrain.SampleWriter)
+    writer.e = types.SimpleNamespace(config=E4TConfig(), model=types.SimpleNamespace(placeholder_id=5))
+    writer.frozen, writer.pixels, writer.out = types.SimpleNamespace(base={}), np.zeros((8, 8, 3)), tmp_path
+    writer.embed, writer.generator = (lambda *args: np.zeros((1, 4))), nan_sampling
+    writer.ids = writer.uncond = writer.seed = writer.metrics = None
+    with caplog.at_level("WARNING", logger="e4t.pretrain"):
+        writer.write(6, types.SimpleNamespace(offsets={}))
+    assert "no sample grid at step 6: sampling produced NaN" in caplog.text and not list(tmp_path.iterdir())
