@@ -4,11 +4,13 @@ its checked number types, one-line errors, fast malloc.
 Only the command-line programs import this module; the library reports user errors
 with :class:`e4t_jax.errors.UserError`, which :func:`main_wrapper` prints as one line.
 A bad flag value is refused by :class:`ArgumentParser` with one line and exit status 2,
-before anything is loaded.
+before anything is loaded. A training run stopped by SIGTERM (a preemption) after its
+checkpoint exits with :data:`e4t_jax.errors.EXIT_PREEMPTED` (75), printing how to resume.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
 import math
@@ -16,7 +18,7 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-from e4t_jax.errors import UserError
+from e4t_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 
 MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
 SEED_MAX = 2**32 - 1
@@ -134,6 +136,8 @@ def _user_message(error: BaseException) -> str | None:
     if isinstance(error, (UserError, CheckpointError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
                           PermissionError)):
         return str(error)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in str(error):
+        return f"no space left on device: free space or choose another --out ({str(error).splitlines()[0][:200]})"
     if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
         return ("out of memory: lower --batch-size or the resolution, use --dtype bfloat16, or turn on --remat "
                 f"({str(error).splitlines()[0][:200]})")
@@ -141,7 +145,8 @@ def _user_message(error: BaseException) -> str | None:
 
 
 def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Decorates a CLI ``main(argv)``: user errors print one line and exit 2.
+    """Decorates a CLI ``main(argv)``: user errors print one line and exit 2; a preempted run
+    (:class:`e4t_jax.errors.Preempted`) prints how to resume and exits :data:`EXIT_PREEMPTED`.
 
     The wrapped function returns the exit status, also for argparse's exits (``--help``: 0,
     a bad flag: 2), so that tests and other callers can run a CLI in-process.
@@ -159,6 +164,9 @@ def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[li
             if done.code is None or isinstance(done.code, int):
                 return done.code or 0
             raise
+        except Preempted as stopped:
+            print(f"preempted: {stopped}", file=sys.stderr)
+            return EXIT_PREEMPTED
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

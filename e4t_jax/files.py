@@ -34,22 +34,39 @@ IDENTITY_NAMES = {
 }
 
 
+def move_into_place(new: Path, target: Path, staging: Path) -> None:
+    """Renames the finished ``new`` (inside the folder ``staging``, beside ``target``) to ``target``.
+
+    A file replaces an old one in one rename. An old folder is first renamed into
+    ``staging``, then the new one takes its name: a crash between the two renames leaves
+    no ``target`` (the old one complete in ``staging``), never a mix of old and new.
+    """
+    honour_umask(new)
+    old = staging / ".old"
+    if target.is_dir() and new.is_dir():
+        os.rename(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old.exists():
+            os.rename(old, target)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``target``; moves it into place only on success.
 
-    Works for files and directories: nothing half-written is ever left at ``target``.
+    Works for files and directories: a crash or an error at any point leaves the old
+    complete ``target`` or the new complete one (or, for a folder replaced in the instant
+    between two renames, none: :func:`move_into_place`), never a half-written one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp = tmp_dir / target.name
     try:
-        yield tmp
-        honour_umask(tmp)
-        if target.is_dir() and tmp.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        yield tmp_dir / target.name
+        move_into_place(tmp_dir / target.name, target, tmp_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -64,6 +81,14 @@ def check_size(file: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> None:
     if size > limit:
         raise UserError(f"{file} is {size} bytes, over the limit of {limit} for this kind of file "
                         "(e4t_jax.files.MAX_JSON_BYTES): it is no config or tokenizer file")
+
+
+def save_image(image_uint8: Any, path: str | os.PathLike) -> None:
+    """Writes a uint8 ``[H, W, 3]`` array as a PNG file, atomically (:func:`atomic_path`)."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image_uint8).save(tmp, format="PNG")
 
 
 def _umask() -> int:
@@ -198,9 +223,20 @@ def _encoder_checkpointer():
         params=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler()))
 
 
+def staging_folder(target: str | os.PathLike) -> Path:
+    """Where :func:`export_encoder` writes before the rename: ``.NAME.tmp`` beside ``target``, the same
+    on every process (all of them take part in an orbax save)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.tmp"
+
+
 def export_encoder(directory: str | os.PathLike, *, encoder_params: PyTree, offsets: PyTree,
                    config: dict[str, Any], overwrite: bool = False) -> None:
-    """Writes a standalone domain-encoder checkpoint (params + offsets + config).
+    """Writes a standalone domain-encoder checkpoint (params + offsets + config); every process calls it.
+
+    A local ``directory`` is written atomically: into :func:`staging_folder`, then renamed
+    into place by process 0 (:func:`move_into_place`): a crash or a failed write leaves
+    the old encoder or the new one, never a partial one. A URL (``gs://``) is written in place.
 
     Args:
       directory: the new checkpoint directory.
@@ -208,15 +244,38 @@ def export_encoder(directory: str | os.PathLike, *, encoder_params: PyTree, offs
       offsets: the weight-offset pytree (may be empty).
       config: JSON-able; must hold ``base_model`` (see :func:`base_model_identity`).
       overwrite: replace an existing directory.
+
+    Raises:
+      FileExistsError: ``directory`` exists and not ``overwrite``.
     """
+    import jax
     import orbax.checkpoint as ocp
 
     if "base_model" not in config:
         raise ValueError("the encoder config needs a 'base_model' entry (see base_model_identity) so that "
                          "load_encoder can check the base model it is used with")
-    _encoder_checkpointer().save(absolute(directory), args=ocp.args.Composite(
-        params=ocp.args.StandardSave({"encoder": encoder_params, "offsets": offsets}),
-        config=ocp.args.JsonSave(config)), force=overwrite)
+    path = absolute(directory)
+    args = ocp.args.Composite(params=ocp.args.StandardSave({"encoder": encoder_params, "offsets": offsets}),
+                              config=ocp.args.JsonSave(config))
+    if "://" in path:
+        _encoder_checkpointer().save(path, args=args, force=overwrite)
+        return
+    target, staging = Path(path), staging_folder(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists")
+    if jax.process_index() == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # what a crashed export left
+    try:
+        _encoder_checkpointer().save(str(staging / target.name), args=args, force=True)
+        if jax.process_index() == 0:
+            move_into_place(staging / target.name, target, staging)
+    finally:
+        if jax.process_index() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"e4t-export-encoder-{target.name}")
 
 
 def read_encoder_config(directory: str | os.PathLike) -> dict[str, Any]:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from e4t_jax import conditioning, presets, schedulers, weights
+from e4t_jax import conditioning, files, presets, schedulers, weights
+from e4t_jax.errors import UserError
 from e4t_jax.models.unet import UNet2DConditionModel, load_unet
 from e4t_jax.models.vae import AutoencoderKL, decode_latents, load_vae
 from e4t_jax.tokenizer import Tokenizer
@@ -223,7 +224,7 @@ class Generator:
 
             x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x)))
             images = decode_latents(params["vae"], model.vae, x).astype(jnp.float32)
-            return (images + 1) / 2
+            return (images + 1) / 2, jnp.isfinite(x).all(axis=(1, 2, 3))
 
         return run
 
@@ -285,9 +286,18 @@ class Generator:
 
         Returns:
           ``[B, H, W, 3]`` float32 images in [0, 1].
+
+        Raises:
+          UserError: the final latents or the images hold NaN or infinite values (they
+            would be written as black images).
         """
         program, args = self._prepare(params, cond_ids, uncond_ids, **kwargs)
-        images = program(*args)
+        images, finite_latents = jax.device_get(program(*args))
+        finite = finite_latents & np.isfinite(images).all(axis=(1, 2, 3))
+        if not finite.all():
+            raise UserError(f"sampling produced NaN or infinite values in {np.sum(~finite)} of {len(finite)} images "
+                            "(nothing was written); try a lower guidance scale, another sampler, or float32 "
+                            "(--dtype float32)")
         return np.asarray(images)
 
 
@@ -315,13 +325,12 @@ def output_files(out: str | os.PathLike, count: int) -> list[Path]:
 
 
 def save_images(images_uint8: np.ndarray, prompts: list[str], out: str | os.PathLike) -> list[Path]:
-    """Writes :func:`output_files` into ``out``; returns the image paths."""
-    from PIL import Image
-
+    """Writes :func:`output_files` into ``out``, each one atomically (:func:`e4t_jax.files.atomic_path`:
+    a crash leaves an old file or a new one, never a partial one); returns the image paths."""
     *paths, grid, prompts_file = output_files(out, len(images_uint8))
-    grid.parent.mkdir(parents=True, exist_ok=True)
     for path, image in zip(paths, images_uint8):
-        Image.fromarray(image).save(path)
-    Image.fromarray(image_grid(images_uint8)).save(grid)
-    prompts_file.write_text("".join(f"{p.name}\t{prompt}\n" for p, prompt in zip(paths, prompts)))
+        files.save_image(image, path)
+    files.save_image(image_grid(images_uint8), grid)
+    with files.atomic_path(prompts_file) as tmp:
+        tmp.write_text("".join(f"{p.name}\t{prompt}\n" for p, prompt in zip(paths, prompts)))
     return paths

@@ -1,14 +1,18 @@
-"""e4t-pretrain end to end: real photos, a corrupt file, checkpoints, TensorBoard, resume after SIGKILL,
-the training features (accumulation, schedule, EMA, workers) and a resume that takes the stored config."""
+"""e4t-pretrain end to end: real photos, a corrupt file, checkpoints, TensorBoard, resume after SIGKILL
+or SIGTERM (preemption), the training features (accumulation, schedule, EMA, workers) and a resume that
+takes the stored config."""
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,7 @@ def image_folder(tmp_path_factory):
 
 
 def _cli(*argv, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "train.pretrain_encoder", *map(str, argv)], env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -79,16 +83,44 @@ def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tiny_model_dir
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 3" in resumed.stderr
 
-    expected, got = _metrics(full), _metrics(out)
-    assert [got[s]["batch"] for s in (4, 5, 6)] == [expected[s]["batch"] for s in (4, 5, 6)]  # same data order
-    from e4t_jax.files import load_encoder
+    _assert_continues(full, out, 3)
 
-    head_a, offsets_a, _ = load_encoder(full / "encoder", expected=None)
-    head_b, offsets_b, _ = load_encoder(out / "encoder", expected=None)
+
+def _assert_continues(full, out, resumed_at):
+    """The run in ``out``, resumed at step ``resumed_at``, read the same batches and ended with a bit-identical
+    encoder as the uninterrupted run in ``full``."""
     import jax
 
+    from e4t_jax.files import load_encoder
+
+    expected, got = _metrics(full), _metrics(out)
+    later = range(resumed_at + 1, 7)
+    assert [got[s]["batch"] for s in later] == [expected[s]["batch"] for s in later]  # same data order
+    head_a, offsets_a, _ = load_encoder(full / "encoder", expected=None)
+    head_b, offsets_b, _ = load_encoder(out / "encoder", expected=None)
     for a, b in zip(jax.tree.leaves((head_a, offsets_a)), jax.tree.leaves((head_b, offsets_b))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_saves_the_last_step_exits_75_and_resumes_exactly(uninterrupted, tiny_model_dir, image_folder,
+                                                                   tmp_path):
+    """SIGTERM after step 4, which is no saving step (--save-every 3): step 4 is saved, then the exit."""
+    from e4t_jax.errors import EXIT_PREEMPTED
+
+    full, _ = uninterrupted
+    out = tmp_path / "preempted"
+    stopped = _pretrain(tiny_model_dir, image_folder, out,
+                        env_extra={"E4T_CRASH_AFTER_STEP": "4", "E4T_CRASH_SIGNAL": "TERM"})
+    assert stopped.returncode == EXIT_PREEMPTED == 75, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith(
+        f"preempted: stopped by SIGTERM after step 4, saved in {out / 'checkpoints'}; run the same command with "
+        "--resume")
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-2:] == [3, 4]
+    assert not (out / "encoder").exists() and max(_metrics(out)) == 4
+    resumed = _pretrain(tiny_model_dir, image_folder, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stderr
+    _assert_continues(full, out, 4)
 
 
 def test_missing_data_folder_is_one_clear_error(tiny_model_dir, tmp_path, capsys):

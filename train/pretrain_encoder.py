@@ -7,6 +7,11 @@ Examples::
         --out runs/faces --remat --dtype bfloat16
     e4t-pretrain ... --out runs/faces --resume          # continue after a crash or preemption
 
+A SIGTERM (what a TPU or Kubernetes preemption sends) lets the step in progress finish,
+saves it, and exits with status 75 (EX_TEMPFAIL), printing how to resume; a checkpoint
+that cannot be written (a full disk) stops the run with one line (status 2), the last
+good checkpoint kept.
+
 Every ``--save-every`` steps an orbax checkpoint (trainable params, optimizer state,
 EMA, step, input-pipeline position, config) lands in ``OUT/checkpoints``; ``--resume``
 continues exactly: every config flag not given takes the checkpoint's value (the

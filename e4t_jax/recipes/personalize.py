@@ -237,13 +237,10 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
     save(out, e, result, save_encoder=save_encoder, run={"image": Path(image_path).name})
     log.info("wrote %s (%.1f KiB)", out, out.stat().st_size / 1024)
     if previews:
-        from PIL import Image
-
         start = time.perf_counter()
         steps_count = {} if preview_steps is None else {"steps_count": preview_steps}
         grid = preview(e, result, image, previews, seed=train.seed, **steps_count)
-        with files.atomic_path(preview_path(out)) as tmp:
-            Image.fromarray(grid).save(tmp, format="PNG")
+        files.save_image(grid, preview_path(out))
         timings["preview"] = time.perf_counter() - start
         log.info("preview grid (input image first): %s", preview_path(out))
     timings["total"] = sum(timings.values())

@@ -46,7 +46,8 @@ from e4t_jax.training import checkpoint, data, loop, parallel, steps
 from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
 log = logging.getLogger("e4t.pretrain")
-RUN_ENTRIES = frozenset({"checkpoints", "tb", "metrics.jsonl", "samples", "encoder"})  # what a run folder holds
+# What a run folder holds (``.encoder.tmp``: an encoder export that a crash interrupted, files.staging_folder).
+RUN_ENTRIES = frozenset({"checkpoints", "tb", "metrics.jsonl", "samples", "encoder", ".encoder.tmp"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +229,8 @@ class SampleWriter:
 
     Called on every process (reading the trained params is a collective on multi-host
     runs); process 0 samples, from ``frozen``, and writes the grid (uint8
-    ``[2 size, 2 size, 3]``) to ``out/STEP.png`` and to TensorBoard (``samples/grid``). The
+    ``[2 size, 2 size, 3]``) to ``out/STEP.png`` and to TensorBoard (``samples/grid``); samples
+    with NaN or infinite values are not written (a warning). The
     embedding function and the sampling program are compiled once, on the first grid.
 
     Args:
@@ -257,18 +259,18 @@ class SampleWriter:
         parallel.barrier(f"e4t-samples-{step}")  # the others wait while process 0 samples
 
     def write(self, step: int, params: model_lib.E4TParams) -> None:
-        from PIL import Image
-
         e, frozen = self.e, self.frozen
         embedding = np.asarray(self.embed(params, frozen, self.pixels[None])[0])
         concept = concept_lib.Concept(e.config.model.placeholder, e.model.placeholder_id, embedding, e.config,
                                       domain=params.offsets, delta=jax.tree.map(np.zeros_like, params.offsets))
-        images = self.generator(frozen.base, self.ids, self.uncond, seed=self.seed, num_steps=20,
-                                hooks=concept.hooks())
+        try:
+            images = self.generator(frozen.base, self.ids, self.uncond, seed=self.seed, num_steps=20,
+                                    hooks=concept.hooks())
+        except UserError as error:  # non-finite samples: no grid this time, the training goes on
+            log.warning("no sample grid at step %d: %s", step, error)
+            return
         grid = pipeline.image_grid(pipeline.to_uint8(np.concatenate([(self.pixels[None] + 1) / 2, images])))
-        path = self.out / f"{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
+        files.save_image(grid, self.out / f"{step:07d}.png")
         self.metrics.image(step, "samples/grid", grid)
 
 
