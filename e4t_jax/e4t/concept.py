@@ -148,12 +148,6 @@ def read_concept(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     if "e4t" not in metadata or "embedding" not in tensors:
         raise ConceptError(f"{path} is a safetensors file but not an E4T concept (no 'e4t' header); "
                            "pass a concept written by e4t-personalize")
-    for name, tensor in tensors.items():
-        if name != "embedding" and name.split("/", 1)[0] not in TENSOR_GROUPS:
-            raise ConceptError(f"{path}: unexpected tensor {name!r}; pass a concept written by e4t-personalize")
-        if tensor.dtype != np.float32 or not np.all(np.isfinite(tensor)):
-            what = tensor.dtype if tensor.dtype != np.float32 else "not finite"
-            raise ConceptError(f"{path}: tensor {name!r} is {what}; a concept holds finite float32 tensors only")
     try:
         header = json.loads(metadata["e4t"])
     except json.JSONDecodeError as e:
@@ -164,6 +158,12 @@ def read_concept(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
                "domain offsets once per concept)" if version == 2 else "")
         raise ConceptError(f"{path} is concept format {version}; this version reads format {FORMAT_VERSION}{why}: "
                            "personalize the concept again")
+    for name, tensor in tensors.items():
+        if name != "embedding" and name.split("/", 1)[0] not in TENSOR_GROUPS:
+            raise ConceptError(f"{path}: unexpected tensor {name!r}; pass a concept written by e4t-personalize")
+        if tensor.dtype != np.float32 or not np.all(np.isfinite(tensor)):
+            what = tensor.dtype if tensor.dtype != np.float32 else "not finite"
+            raise ConceptError(f"{path}: tensor {name!r} is {what}; a concept holds finite float32 tensors only")
     return tensors, header
 
 
