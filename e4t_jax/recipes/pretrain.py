@@ -143,13 +143,16 @@ def templates(config: PretrainConfig) -> list[str]:
 def stored_config(options: RunOptions) -> PretrainConfig | None:
     """The config of the latest checkpoint in ``options.checkpoint_dir()``, or None when there is none.
 
-    Fields that did not exist when it was written take their defaults.
+    A folder holding only a save that was cut short (a run killed during its first save) has
+    none. Fields that did not exist when it was written take their defaults.
     """
     checkpoints = epath.Path(options.checkpoint_dir())
     if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return None
     manager = checkpoint.open_manager(options.checkpoint_dir())
     try:
+        if manager.latest_step() is None:
+            return None
         return config_lib.from_dict(PretrainConfig, checkpoint.read_config(manager))
     finally:
         manager.close()

@@ -43,10 +43,12 @@ def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 3, save_eve
       max_to_keep: keep the last N steps; older ones are deleted.
       save_every: save only steps that are multiples of this (unless forced).
       async_save: write in a background thread while training continues.
+
+    Opening it removes what saves that were cut short (a killed process) left behind.
     """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_every,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(absolute(directory), options=options,
                                  item_names=("state", "data", "config"))
 
