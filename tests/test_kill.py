@@ -95,3 +95,20 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(tiny_model_dir, 
     print(f"{kills} SIGKILLs, {mid_save} of them during a checkpoint save")
     assert kills == KILLS
     _assert_same_encoder(tiny_model_dir, out, reference)
+
+
+def test_a_save_cut_short_is_no_checkpoint_and_is_cleaned_up(tmp_path):
+    """What a process killed during its first save leaves: ``--resume`` starts afresh, and the leftover goes."""
+    from e4t_jax.recipes import pretrain
+    from e4t_jax.training import checkpoint
+
+    options = pretrain.RunOptions(out=tmp_path / "run", resume=True)
+    leftover = Path(options.checkpoint_dir()) / "1.orbax-checkpoint-tmp"
+    (leftover / "state").mkdir(parents=True)
+    (leftover / "state" / "partial").write_bytes(b"\0" * 100)
+    assert pretrain.stored_config(options) is None
+    manager = checkpoint.open_manager(options.checkpoint_dir())
+    checkpoint.save(manager, 1, train_state={"w": np.zeros(2, np.float32)}, data_state={"at": 0}, config={})
+    manager.wait_until_finished()
+    manager.close()
+    assert sorted(p.name for p in leftover.parent.iterdir()) == ["1"]

@@ -149,7 +149,7 @@ def stored_config(options: RunOptions) -> PretrainConfig | None:
     checkpoints = epath.Path(options.checkpoint_dir())
     if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return None
-    manager = checkpoint.open_manager(options.checkpoint_dir())
+    manager = checkpoint.open_manager(options.checkpoint_dir(), read_only=True)
     try:
         if manager.latest_step() is None:
             return None

@@ -35,7 +35,7 @@ PyTree = Any
 
 
 def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 3, save_every: int = 1,
-                 async_save: bool = True) -> ocp.CheckpointManager:
+                 async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` for training states (creates the directory).
 
     Args:
@@ -43,12 +43,14 @@ def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 3, save_eve
       max_to_keep: keep the last N steps; older ones are deleted.
       save_every: save only steps that are multiples of this (unless forced).
       async_save: write in a background thread while training continues.
+      read_only: only read (an existing directory).
 
-    Opening it removes what saves that were cut short (a killed process) left behind.
+    A manager that writes removes, before its first save, what saves that were cut short
+    (a killed process) left behind.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_every,
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(absolute(directory), options=options,
                                  item_names=("state", "data", "config"))
 
