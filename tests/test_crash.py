@@ -161,6 +161,47 @@ def test_a_failed_folder_replacement_keeps_the_old_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and [p.name for p in target.iterdir()] == ["b.bin"]
 
 
+KILLED_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import numpy as np
+    from e4t_jax import files
+
+    def half_then_killed(path, data):  # the process dies with half of the new file written
+        Path(path).write_bytes(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    target, kind = Path(sys.argv[1]), sys.argv[2]
+    if kind == "image":
+        from PIL import Image
+        Image.Image.save = lambda self, fp, **kw: half_then_killed(fp, Path(target).read_bytes() * 2)
+        files.save_image(np.zeros((64, 64, 3), np.uint8), target)
+    else:  # a concept file: what e4t_jax.e4t.concept.save_concept does, with safetensors' writer dying
+        import safetensors.numpy
+        safetensors.numpy.save_file = lambda tensors, path, metadata=None: half_then_killed(path, b"x" * 4096)
+        with files.atomic_path(target) as tmp:
+            safetensors.numpy.save_file({"embedding": np.zeros(8, np.float32)}, str(tmp))
+""")
+
+
+@pytest.mark.parametrize("kind", ["image", "concept"])
+def test_a_sigkill_mid_write_leaves_the_old_file(kind, tmp_path):
+    target = tmp_path / ("grid.png" if kind == "image" else "me.safetensors")
+    if kind == "image":
+        files.save_image(np.full((8, 8, 3), 7, np.uint8), target)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({"embedding": np.ones(8, np.float32)}, str(target))
+    before = target.read_bytes()
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target), kind], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"), timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert target.read_bytes() == before
+    leftovers = [p for p in tmp_path.iterdir() if p != target]
+    assert [p.name.startswith(f".{target.name}.") for p in leftovers] == [True]  # hidden, beside it
+
+
 def _export(directory, value):
     files.export_encoder(directory, encoder_params={"w": np.full((4,), value, np.float32)}, offsets={},
                          config=CONFIG, overwrite=True)
