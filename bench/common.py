@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks.
+"""Timing and figure helpers shared by the benchmarks.
 
 XLA:CPU timings vary between processes (about 1 process in 5 runs 1.7-4x slower for
 its whole life), so a benchmark runs each measurement in several fresh processes and
@@ -14,7 +14,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 
@@ -57,3 +60,25 @@ def run_child(args: list[str]) -> dict:
 def median_of(runs: list[dict]) -> dict:
     """Key-wise median of the numbers in several children's results."""
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def method_figure(rows: list[list[Any]], columns: list[str], path: Path, cell: int = 128) -> None:
+    """The paper's comparison layout: a row per concept, a labelled column per method.
+
+    Args:
+      rows: per concept, one uint8 ``[H, W, 3]`` image per column (any sizes: each is
+        resized to ``cell`` x ``cell``, nearest neighbour, so small renders stay crisp).
+      columns: the column titles (``input`` first, then the methods).
+    """
+    from PIL import Image, ImageDraw
+
+    pad, header = 4, 18
+    canvas = Image.new("RGB", (len(columns) * (cell + pad) + pad, header + len(rows) * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(columns):
+        draw.text((pad + c * (cell + pad) + 2, 3), name, fill="black")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            tile = Image.fromarray(np.asarray(image, np.uint8)).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (pad + c * (cell + pad), header + pad + r * (cell + pad)))
+    canvas.save(path)

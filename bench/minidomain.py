@@ -30,10 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import method_figure  # noqa: E402
 
 PROMPTS = (  # (digit colour, background, position) asked for; None = not asked
     ("green", None, None),
@@ -95,25 +100,6 @@ def markdown_table(summary: dict) -> str:
                      f"{row['color']:.2f} | {row['background']:.2f} | {row['position']:.2f} | "
                      f"{row['seconds_first']:.1f} | {row['seconds_warm']:.2f} | {row['artifact']} |")
     return "\n".join(lines)
-
-
-def figure(rows: list[list[np.ndarray]], columns: list[str], path: Path, scale: int = 6) -> None:
-    """A row per concept, a column per method (``columns``), labelled, upscaled."""
-    from PIL import Image, ImageDraw
-
-    from e4t_jax import digits
-
-    cell, pad, header = digits.CANVAS * scale, 4, 18
-    width = len(columns) * (cell + pad) + pad
-    canvas = Image.new("RGB", (width, header + len(rows) * (cell + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, name in enumerate(columns):
-        draw.text((pad + c * (cell + pad) + 2, 3), name, fill="black")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            canvas.paste(Image.fromarray(digits.upscale(image, scale)),
-                         (pad + c * (cell + pad), header + pad + r * (cell + pad)))
-    canvas.save(path)
 
 
 def textual_inversion(sd, params, token_id: int, word_id: int, ids: np.ndarray, images: list[np.ndarray], *,
@@ -271,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = [list(concepts).index(i) for i in concepts[::args.per_class]]  # one concept per class
     columns = ["input", "domain word", "TI-15", f"TI-{args.ti_steps}", "E4T-5", "E4T-15"]
     shown_prompt = args.samples * 1  # the first picture of PROMPTS[1] (all three attributes asked)
-    figure([[inputs[k]] + [cells[c][k][shown_prompt] for c in columns[1:]] for k in shown], columns,
-           args.out / "minidomain.png")
+    method_figure([[inputs[k]] + [cells[c][k][shown_prompt] for c in columns[1:]] for k in shown], columns,
+                  args.out / "minidomain.png", cell=6 * digits.CANVAS)
     return 0
 
 
