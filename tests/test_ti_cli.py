@@ -108,3 +108,16 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0] and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_force_never_replaces_a_foreign_file_and_help_shows_defaults(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "c.safetensors"
+    foreign = embeds_path(out)
+    foreign.write_text("my notes")
+    argv = ["--model", str(tiny_model_dir), "--data", str(_photos(tmp_path / "photos")), "--init-word", "cat",
+            "--out", str(out), "--force"]
+    assert textual_inversion.main(argv) == 2
+    assert "is not a textual-inversion embedding file" in capsys.readouterr().err
+    assert foreign.read_text() == "my notes" and not out.exists()
+    assert textual_inversion.main(["--help"]) == 0
+    assert "(default: 1000)" in capsys.readouterr().out

@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = cli.ArgumentParser(prog="e4t-ti", description=__doc__.split("\n\n")[0])
     cli.add_model(p)
-    p.add_argument("--data", type=Path, required=True, help="folder of 1-N images of the concept (searched recursively)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder of 1-N images of the concept (searched recursively)")
     p.add_argument("--placeholder", default="S*", help="the new token that prompts use for the concept")
     p.add_argument("--init-word", required=True,
                    help="one token the embedding starts from (the coarse class: cat, face, painting); its domain's "

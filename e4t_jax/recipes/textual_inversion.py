@@ -112,21 +112,26 @@ def embeds_path(concept_file: str | os.PathLike) -> Path:
     return Path(concept_file).with_suffix(".learned_embeds.safetensors")
 
 
-def _check_replaceable(outputs: Sequence[Path]) -> None:
-    """With ``--force``: an existing output must be a file of the kind this program writes there."""
+def _is_ours(path: Path, concept: bool) -> bool:
+    """Whether ``path`` is a concept file (``concept``) or a ``{token: [1, D]}`` embedding file."""
     from safetensors import safe_open
 
-    concept_file, embeds = outputs
-    if concept_file.exists():
-        concept_lib.read_concept(concept_file)  # ConceptError: a foreign file is never replaced
-    if embeds.exists():
-        try:
-            with safe_open(str(embeds), framework="numpy") as f:
-                ours = len(f.keys()) == 1 and len(f.get_slice(next(iter(f.keys()))).get_shape()) == 2
-        except Exception:  # noqa: BLE001 - safetensors raises plain errors on foreign files
-            ours = False
-        if not ours:
-            raise UserError(f"{embeds} is not a textual-inversion embedding file; move it or choose another --out")
+    try:
+        if concept:
+            return bool(concept_lib.read_concept(path))
+        with safe_open(str(path), framework="numpy") as f:
+            names = list(f.keys())
+            return len(names) == 1 and len(f.get_slice(names[0]).get_shape()) == 2
+    except Exception:  # noqa: BLE001 - not a file, not safetensors, not a concept: all mean "not ours"
+        return False
+
+
+def _check_replaceable(outputs: Sequence[Path]) -> None:
+    """With ``--force``: an existing output must be a file of the kind this program writes there."""
+    for path, concept in zip(outputs, (True, False)):
+        if path.exists() and not _is_ours(path, concept):
+            kind = "a concept file" if concept else "a textual-inversion embedding file"
+            raise UserError(f"{path} exists and is not {kind}; move it or choose another --out")
 
 
 def _read_images(folder: str | os.PathLike) -> tuple[list[Path], list[np.ndarray]]:
