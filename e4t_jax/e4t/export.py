@@ -64,6 +64,16 @@ def _check_out(out: Path, inputs: list, force: bool) -> None:
         raise UserError(f"--out {out} already holds an export; pass --force to replace it, or choose another --out")
 
 
+def save_embedding(path: str | Path, placeholder: str, embedding) -> Path:
+    """Writes ``{placeholder: float32 [1, D]}`` (``embedding``: ``[D]``), the textual-inversion
+    file that diffusers' ``load_textual_inversion(path, token=placeholder)`` reads."""
+    from safetensors.numpy import save_file
+
+    with files.atomic_path(path) as tmp:
+        save_file({placeholder: np.asarray(embedding, np.float32).reshape(1, -1)}, str(tmp))
+    return Path(path)
+
+
 def _pipeline_components(model_folder: Path) -> list[str]:
     """Subfolders of the components that ``model_index.json`` lists (the U-Net excluded)."""
     index = weights.read_json(model_folder / "model_index.json")
@@ -103,8 +113,6 @@ def export_concept(concept_file: str | Path, model: str | Path, out: str | Path,
       FileNotFoundError: a missing concept file or model folder (or ``model_index.json``
         with ``full_pipeline``).
     """
-    from safetensors.numpy import save_file
-
     out = Path(out)
     _check_out(out, [concept_file, model], force)
     model_folder = pipeline.resolve(model, variant)
@@ -128,8 +136,7 @@ def export_concept(concept_file: str | Path, model: str | Path, out: str | Path,
             shutil.copy2(model_folder / "model_index.json", tmp / "model_index.json")
         weights.save_safetensors(unet_params, tmp / "unet" / UNET_WEIGHTS, metadata={"format": "pt"})
         shutil.copy2(model_folder / "unet" / "config.json", tmp / "unet" / "config.json")
-        embedding = np.asarray(concept.embedding, np.float32).reshape(1, -1)
-        save_file({concept.placeholder: embedding}, str(tmp / EMBEDDING_FILE))
+        save_embedding(tmp / EMBEDDING_FILE, concept.placeholder, concept.embedding)
         info = {"placeholder": concept.placeholder, "domain_word": concept.config.model.domain_word,
                 "base_model": concept.header["base_model"], "model_id": model_id,
                 "offsets": config_lib.to_dict(concept.config.offsets), "concept_file": Path(concept_file).name,
