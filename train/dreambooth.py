@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="instance images per step (prior preservation adds as many class images)")
     p.add_argument("--lr", type=cli.LEARNING_RATE, default=None,
                    help="learning rate (default: 5e-6 full fine-tune, 1e-4 with --lora-rank)")
-    p.add_argument("--seed", type=cli.SEED, default=0)
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of the data order, noise, offsets and class images")
     p.add_argument("--prior-preservation", action="store_true",
                    help="add the class loss on generated 'a photo of a CLASS' images")
     p.add_argument("--num-class-images", type=cli.NON_NEGATIVE, default=100,
