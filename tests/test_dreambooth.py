@@ -4,7 +4,8 @@
 * the folder it writes loads in diffusers (U-Net weights equal ours, the pipeline with
   its learned embedding) and in our own loader (the concept file too);
 * the class images are cached and reused;
-* the LoRA variant's merged U-Net is the base one with the saved offsets applied;
+* the LoRA variant's merged U-Net is the base one with the saved offsets applied, and a
+  trained text encoder is written in diffusers' naming;
 * bad input ends with one line and exit status 2, nothing written.
 """
 import json
@@ -108,6 +109,20 @@ def test_lora_folder_is_the_base_unet_with_its_offsets(tiny_model_dir, tmp_path)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), loaded["unet"], expected)
     lora_bytes = (tmp_path / "lora" / recipe.LORA_FILE).stat().st_size
     assert lora_bytes < (tmp_path / "lora" / "unet" / export_lib.UNET_WEIGHTS).stat().st_size / 5
+
+
+def test_trained_text_encoder_is_written_in_diffusers_naming(tiny_model_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    sd, base, _ = pipeline.load_model(tiny_model_dir)
+    text = jax.tree.map(lambda leaf: np.asarray(leaf) + 0.01, base["text"])  # as training would change it
+    config = recipe.DreamBoothConfig(class_word="cat", train_text=True)
+    recipe.save(tmp_path / "db", sd, base, config, recipe.Trained({"unet": base["unet"], "text": text}, 1.0, 0.5, {}),
+                {})
+    _, loaded, _ = pipeline.load_model(tmp_path / "db")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["text"]), text)
+    theirs = transformers.CLIPTextModel.from_pretrained(tmp_path / "db" / "text_encoder")
+    np.testing.assert_array_equal(theirs.get_input_embeddings().weight.detach().numpy(),
+                                  text["embeddings"]["token_embedding"]["embedding"])
 
 
 @pytest.mark.parametrize("case, message", [
