@@ -55,6 +55,7 @@ setup(
             "e4t-personalize=infer.personalize:main",
             "e4t-demo=infer.demo:main",
             "e4t-pretrain=train.pretrain_encoder:main",
+            "e4t-dreambooth=train.dreambooth:main",
             "e4t-export=infer.export:main",
             "e4t-ti=train.textual_inversion:main",
         ]

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PROGRAMS = {"e4t-generate": "infer.generate", "e4t-personalize": "infer.personalize", "e4t-export": "infer.export",
             "e4t-demo": "infer.demo", "e4t-pretrain": "train.pretrain_encoder",
-            "e4t-ti": "train.textual_inversion"}
+            "e4t-ti": "train.textual_inversion", "e4t-dreambooth": "train.dreambooth"}
 
 RUNNER = textwrap.dedent("""
     import sys

@@ -74,7 +74,7 @@ def save_embedding(path: str | Path, placeholder: str, embedding) -> Path:
     return Path(path)
 
 
-def _pipeline_components(model_folder: Path) -> list[str]:
+def pipeline_components(model_folder: Path) -> list[str]:
     """Subfolders of the components that ``model_index.json`` lists (the U-Net excluded)."""
     index = weights.read_json(model_folder / "model_index.json")
     return sorted(name for name in index
@@ -131,7 +131,7 @@ def export_concept(concept_file: str | Path, model: str | Path, out: str | Path,
     with files.atomic_path(out) as tmp:
         tmp.mkdir()
         if full_pipeline:
-            for component in _pipeline_components(model_folder):
+            for component in pipeline_components(model_folder):
                 shutil.copytree(model_folder / component, tmp / component)
             shutil.copy2(model_folder / "model_index.json", tmp / "model_index.json")
         weights.save_safetensors(unet_params, tmp / "unet" / UNET_WEIGHTS, metadata={"format": "pt"})
