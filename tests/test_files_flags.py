@@ -25,8 +25,9 @@ from e4t_jax import cli, files, pipeline
 from e4t_jax.errors import UserError
 
 CLIS = {"e4t-generate": "infer.generate", "e4t-personalize": "infer.personalize", "e4t-export": "infer.export",
-        "e4t-demo": "infer.demo", "e4t-pretrain": "train.pretrain_encoder", "train.digits": "train.digits"}
-WITH_MODEL = ("e4t-generate", "e4t-personalize", "e4t-export", "e4t-pretrain")
+        "e4t-demo": "infer.demo", "e4t-pretrain": "train.pretrain_encoder", "train.digits": "train.digits",
+        "e4t-ti": "train.textual_inversion", "e4t-dreambooth": "train.dreambooth"}
+WITH_MODEL = ("e4t-generate", "e4t-personalize", "e4t-export", "e4t-pretrain", "e4t-ti", "e4t-dreambooth")
 
 
 class _Parsed(Exception):
