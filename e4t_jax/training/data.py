@@ -323,7 +323,14 @@ def augmented_batch(image: np.ndarray, *, size: int, batch_size: int, rng: np.ra
     Returns:
       ``{"pixels": float32 [B, size, size, 3] in [-1, 1], "index": int32 [B]}`` and,
       with a mask, ``"mask"``: float32 ``[B, size, size]`` in [0, 1].
+
+    Raises:
+      ValueError: a mask whose height and width are not the image's (its crops would
+        not line up with the image's).
     """
+    if mask is not None and np.shape(mask)[:2] != np.shape(image)[:2]:
+        raise ValueError(f"the mask is {np.shape(mask)[1]}x{np.shape(mask)[0]} pixels but the image "
+                         f"{np.shape(image)[1]}x{np.shape(image)[0]}: a mask must have its image's size")
     pixels, masks = [], []
     for _ in range(batch_size):
         state = rng.bit_generator.state
