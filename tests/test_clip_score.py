@@ -77,11 +77,12 @@ def test_clip_t_matches_transformers(model_folder, scorer):
 
 def test_preprocessing_is_close_to_clip_image_processor(scorer):
     """Our JAX preprocessing vs transformers' CLIPImageProcessor (PIL): a few 1/255 steps apart."""
-    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)  # no torchvision
+    processor = processor_class(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     image = skimage.data.astronaut()
     theirs = processor(images=image, return_tensors="np").pixel_values.transpose(0, 2, 3, 1)
     ours = np.asarray(clip_score.clip.preprocess_images(image[None], 32))
-    assert np.abs(ours - theirs).mean() < 0.1
+    assert np.abs(ours - theirs).mean() < 0.01  # measured 0.0037 (about 0.26/255 before normalization)
 
 
 def test_clip_t_checks_counts(scorer):
