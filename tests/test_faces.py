@@ -143,3 +143,40 @@ def test_bad_masks_exit_2_with_one_line(photos, image, mask, message, tmp_path, 
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert not out.exists()
+
+
+def test_pretraining_batches_carry_face_masks_aligned_with_their_crops(tmp_path):
+    """make_dataset(face_masks=True): one mask per image, cropped and flipped with it; a faceless one all white."""
+    astronaut = skimage.data.astronaut()
+    Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / "coffee.png")
+    size = 64
+    batches = data.make_dataset(tmp_path, size=size, batch_size=2, seed=0, templates="face", num_epochs=3,
+                                crop_scale=(1.0, 1.0), read_threads=1, face_masks=True)
+    whole = np.asarray(Image.fromarray(astronaut).resize((size, size), Image.Resampling.BICUBIC), np.float32)
+    expected = faces.face_mask(astronaut)[..., 0] > 0
+    expected = np.asarray(Image.fromarray(expected).resize((size, size), Image.Resampling.BICUBIC)) > 0
+    flips = set()
+    for batch in batches:
+        assert batch["mask"].shape == (2, size, size) and batch["mask"].dtype == np.float32
+        for pixels, mask in zip(batch["pixels"], batch["mask"]):
+            assert 0.0 <= mask.min() and mask.max() <= 1.0
+            if mask.min() == 1.0:  # the coffee: no face, its whole loss counts
+                continue
+            assert 0.0 < mask.mean() < 0.2
+            pixels = (pixels + 1.0) * 127.5
+            flipped = np.abs(pixels - whole[:, ::-1]).mean() < np.abs(pixels - whole).mean()
+            flips.add(flipped)
+            reference = expected[:, ::-1] if flipped else expected
+            assert ((mask > 0.5) == reference).mean() > 0.98  # the same crop and flip as the picture
+    assert flips == {False, True}, flips  # (seeded) both orientations met: the mask followed each
+
+
+def test_pretrain_face_masks_flag_is_recorded():
+    from train import pretrain_encoder
+
+    args = pretrain_encoder.parse_args(["--preset", "tiny", "--model", "tiny", "--data", "photos", "--out", "runs/x",
+                                        "--face-masks"])
+    assert pretrain_encoder.build_config(args).data.face_masks is True
+    args = pretrain_encoder.parse_args(["--preset", "tiny", "--model", "tiny", "--data", "photos", "--out", "runs/x"])
+    assert pretrain_encoder.build_config(args).data.face_masks is False

@@ -108,6 +108,15 @@ def _dlib():
             dlib.face_recognition_model_v1(str(resnet)))
 
 
+def require() -> None:
+    """Loads dlib and its weights now (once per process).
+
+    Raises:
+      FacesUnavailable: naming the install line.
+    """
+    _dlib()
+
+
 def available() -> bool:
     """Whether dlib and its weights are installed."""
     try:

@@ -323,6 +323,7 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
                                 templates=templates(config), placeholder=placeholder,
                                 crop_scale=config.data.crop_scale, flip=config.data.flip,
                                 captions=config.data.captions, workers=config.data.workers,
+                                face_masks=config.data.face_masks,
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
     manager = checkpoint.open_manager(options.checkpoint_dir(), max_to_keep=options.keep,
                                       save_every=options.save_every)
@@ -338,7 +339,8 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
             batch = next(dataset)
             offset = step * train.batch_size + jax.process_index() * per_host
             yield {"pixels": batch["pixels"], "input_ids": e.tokenizer.encode(list(batch["prompt"])),
-                   "index": np.arange(offset, offset + per_host, dtype=np.int32)}
+                   "index": np.arange(offset, offset + per_host, dtype=np.int32),
+                   **({"mask": batch["mask"]} if "mask" in batch else {})}
             step += 1
 
     metrics = loop.MetricsLog(options.out, jax.process_index() == 0)
