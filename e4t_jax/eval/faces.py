@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +47,10 @@ MASK_DILATION = 0.15
 UPSAMPLE = 1
 
 INSTALL_HINT = 'pip install "e4t-jax[faces]"'
+
+# dlib's models are shared by the threads of a process (e.g. grain's reading threads); its ResNet
+# keeps per-call state in the network, so calls into dlib take turns (processes run in parallel).
+_LOCK = threading.RLock()
 NO_FACE_TEXT = "no face"
 
 
@@ -139,7 +144,8 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
 def _detections(image: np.ndarray) -> list:
     """dlib rectangles of the faces in a uint8 image, the most confident first."""
     _, detector, _, _ = _dlib()
-    rects, scores, _ = detector.run(image, UPSAMPLE, 0.0)
+    with _LOCK:
+        rects, scores, _ = detector.run(image, UPSAMPLE, 0.0)
     order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
     return [rects[int(i)] for i in order]
 
@@ -153,7 +159,9 @@ def face_boxes(image: np.ndarray) -> np.ndarray:
 
 def _shapes(image: np.ndarray) -> list:
     _, _, predictor, _ = _dlib()
-    return [predictor(image, rect) for rect in _detections(image)]
+    rects = _detections(image)
+    with _LOCK:
+        return [predictor(image, rect) for rect in rects]
 
 
 def face_landmarks(image: np.ndarray) -> np.ndarray:
@@ -175,8 +183,9 @@ def embed_faces(image: np.ndarray) -> np.ndarray:
     """
     image = _as_uint8(image)
     _, _, _, recognizer = _dlib()
-    descriptors = [np.asarray(recognizer.compute_face_descriptor(image, shape), np.float32)
-                   for shape in _shapes(image)]
+    shapes = _shapes(image)
+    with _LOCK:
+        descriptors = [np.asarray(recognizer.compute_face_descriptor(image, shape), np.float32) for shape in shapes]
     return np.asarray(descriptors, np.float32).reshape(-1, 128)
 
 
