@@ -180,3 +180,24 @@ def test_pretrain_face_masks_flag_is_recorded():
     assert pretrain_encoder.build_config(args).data.face_masks is True
     args = pretrain_encoder.parse_args(["--preset", "tiny", "--model", "tiny", "--data", "photos", "--out", "runs/x"])
     assert pretrain_encoder.build_config(args).data.face_masks is False
+
+
+def test_pretrain_with_face_masks_but_no_dlib_stops_before_loading(tmp_path, monkeypatch):
+    import dataclasses
+
+    from e4t_jax.recipes import pretrain
+
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "photos" / "a.png")
+    config = pretrain.PRESETS["tiny"]
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(tmp_path / "photos"),
+                                                                  face_masks=True))
+    options = pretrain.RunOptions(out=tmp_path / "run")
+    pretrain.check(config, options)  # dlib is here
+    faces._dlib.cache_clear()
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    try:
+        with pytest.raises(faces.UserError, match=r'pip install "e4t-jax\[faces\]"'):
+            pretrain.check(config, options)
+    finally:
+        faces._dlib.cache_clear()
