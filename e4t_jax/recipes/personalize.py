@@ -25,10 +25,14 @@ from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t import model as model_lib
 from e4t_jax.e4t.pretrained import default_encoder, encoder_fingerprint, encoder_folder, load_pretrained
 from e4t_jax.errors import UserError
+from e4t_jax.eval import faces
 from e4t_jax.training import data, steps
 from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
 log = logging.getLogger("e4t.personalize")
+#: ``mask_path`` value (``e4t-personalize --mask auto``) that computes a face mask from the image
+#: (:func:`e4t_jax.eval.faces.face_mask`) instead of reading a file; ``./auto`` reads a file named auto.
+AUTO_MASK = "auto"
 DEFAULT_PREVIEW = ("a photo of {}", "an oil painting of {}", "a watercolor painting of {}", "a pencil sketch of {}")
 
 
@@ -190,7 +194,10 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
     Args:
       model: the base model; ``encoder``: its pre-trained domain encoder (folder, or the
         run folder of ``e4t-pretrain``; None: the one shipped with a trained preset).
-      image_path, mask_path: the concept image and an optional loss mask.
+      image_path, mask_path: the concept image and an optional loss mask: an image file of
+        the same size (white = the concept), or :data:`AUTO_MASK` (``"auto"``) for the face
+        mask that :func:`e4t_jax.eval.faces.face_mask` computes from the image (needs the
+        ``faces`` extra, dlib).
       out: the concept file to write (``.safetensors``).
       preview_prompts: templates with ``{}`` for the placeholder (None: :data:`DEFAULT_PREVIEW`;
         empty: no preview); ``preview_steps``: their denoising steps (None: :func:`preview`'s).
@@ -202,20 +209,28 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
 
     Raises:
       UserError, FileNotFoundError: bad inputs or outputs, before any model is loaded
-        (one line says what is wrong).
+        (one line says what is wrong): among them a mask whose size is not the image's,
+        and, with ``mask_path="auto"``, an image without a detectable face or no dlib.
     """
     out = Path(out)
+    auto_mask = mask_path is not None and str(mask_path) == AUTO_MASK
     templates = DEFAULT_PREVIEW if preview_prompts is None else preview_prompts
     outputs = [out] + ([preview_path(out)] if templates else [])
-    files.check_outputs(outputs, inputs=[image_path, mask_path, encoder, model], force=force)
+    files.check_outputs(outputs, inputs=[image_path, None if auto_mask else mask_path, encoder, model], force=force)
     encoder = encoder_folder(encoder) if encoder is not None else default_encoder(model)
     if encoder is None:
         raise UserError(f"--model {model} has no shipped encoder: pass --encoder (a run folder of e4t-pretrain)")
     try:
         image = data.read_image(image_path)
-        mask = data.read_image(mask_path) if mask_path is not None else None
+        mask = data.read_image(mask_path) if mask_path is not None and not auto_mask else None
     except ValueError as error:
         raise UserError(str(error)) from error
+    if auto_mask:
+        mask = faces.face_mask(image, what=str(image_path))
+        log.info("face mask (--mask auto): %.1f%% of the image", 100.0 * float(np.mean(mask[..., 0] > 0)))
+    elif mask is not None and mask.shape[:2] != image.shape[:2]:
+        raise UserError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} pixels but image {image_path} is "
+                        f"{image.shape[1]}x{image.shape[0]}: a mask must have its image's size")
     timings, start = {}, time.perf_counter()
     e = load_pretrained(model, encoder, vision_source=vision_source, placeholder=placeholder, dtype=jnp.dtype(dtype),
                         variant=variant)

@@ -42,6 +42,7 @@ from e4t_jax.e4t.config import E4TConfig, ModelConfig, PersonalizeConfig
 from e4t_jax.e4t.encoder import EncoderConfig
 from e4t_jax.e4t.pretrained import export_encoder
 from e4t_jax.errors import UserError
+from e4t_jax.eval import faces
 from e4t_jax.training import checkpoint, data, loop, parallel, steps
 from e4t_jax.training.config import OptimizerConfig, TrainConfig
 
@@ -184,7 +185,7 @@ def check(config: PretrainConfig, options: RunOptions, names: Mapping[str, str] 
       UserError: bad cadences, accumulation or templates, ``export_ema`` without an EMA,
         an ``out`` that holds what a run does not write or overlaps an input,
         checkpoints in ``out`` without ``resume``, or a resume with another config
-        (:func:`conflicts`) without ``override``.
+        (:func:`conflicts`) without ``override``, ``data.face_masks`` without dlib.
       FileNotFoundError: a missing or empty image folder.
     """
     if options.save_every < 1 or options.log_every < 1:
@@ -203,6 +204,8 @@ def check(config: PretrainConfig, options: RunOptions, names: Mapping[str, str] 
         templates(config)
     except ValueError as error:
         raise UserError(str(error)) from error
+    if config.data.face_masks:
+        faces.require()  # FacesUnavailable (a UserError) names the install line
     stored = stored_config(options)
     if stored is None:
         return
@@ -323,6 +326,7 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
                                 templates=templates(config), placeholder=placeholder,
                                 crop_scale=config.data.crop_scale, flip=config.data.flip,
                                 captions=config.data.captions, workers=config.data.workers,
+                                face_masks=config.data.face_masks,
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
     manager = checkpoint.open_manager(options.checkpoint_dir(), max_to_keep=options.keep,
                                       save_every=options.save_every)
@@ -338,7 +342,8 @@ def pretrain(config: PretrainConfig, options: RunOptions) -> Path:
             batch = next(dataset)
             offset = step * train.batch_size + jax.process_index() * per_host
             yield {"pixels": batch["pixels"], "input_ids": e.tokenizer.encode(list(batch["prompt"])),
-                   "index": np.arange(offset, offset + per_host, dtype=np.int32)}
+                   "index": np.arange(offset, offset + per_host, dtype=np.int32),
+                   **({"mask": batch["mask"]} if "mask" in batch else {})}
             step += 1
 
     metrics = loop.MetricsLog(options.out, jax.process_index() == 0)
