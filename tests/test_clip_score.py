@@ -3,13 +3,19 @@
 torch and transformers are test dependencies: imported at the top, so that a missing one
 fails this file instead of skipping the parity test.
 """
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import skimage.data
 import torch
 import transformers
 
-from e4t_jax import tokenizer as tok
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import tiny_clip  # noqa: E402
+
 from e4t_jax.eval import clip_score
 
 PROMPTS = ["a photo of S* on the beach", "an oil painting of S* wearing a hat"]
@@ -18,22 +24,9 @@ PROMPTS = ["a photo of S* on the beach", "an oil painting of S* wearing a hat"]
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A tiny random CLIPModel saved by transformers, with the tiny tokenizer beside it."""
-    folder = tmp_path_factory.mktemp("clip_model")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok.make_tiny_tokenizer_files(folder)))
-    text = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                                           projection_dim=24)).eval()
-    with torch.no_grad():  # perturbed, so that swapped weights or a missing projection would show
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(folder)
-    return folder, model, tokenizer
+    folder = tiny_clip.write(tmp_path_factory.mktemp("clip_model"))
+    return folder, transformers.CLIPModel.from_pretrained(folder).eval(), transformers.CLIPTokenizer.from_pretrained(
+        folder)
 
 
 @pytest.fixture(scope="module")
