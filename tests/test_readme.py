@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PROGRAMS = {"e4t-generate": "infer.generate", "e4t-personalize": "infer.personalize", "e4t-export": "infer.export",
             "e4t-demo": "infer.demo", "e4t-pretrain": "train.pretrain_encoder",
-            "e4t-ti": "train.textual_inversion", "e4t-dreambooth": "train.dreambooth"}
+            "e4t-ti": "train.textual_inversion", "e4t-dreambooth": "train.dreambooth",
+            "bench/compare_methods.py": "bench.compare_methods"}
 
 RUNNER = textwrap.dedent("""
     import sys
@@ -72,7 +73,9 @@ def test_readme_python_snippets_run_each_on_its_own(tmp_path):
 
 
 def _program_commands(block: str) -> list[list[str]]:
-    return [argv for argv in commands(block) if argv[0] in PROGRAMS and "..." not in argv]
+    """Commands of the CLIs and benchmark scripts (``python bench/X.py ...`` as ``bench/X.py ...``)."""
+    found = [argv[1:] if argv[0] == "python" else argv for argv in commands(block)]
+    return [argv for argv in found if argv and argv[0] in PROGRAMS and "..." not in argv]
 
 
 def test_every_readme_command_parses():
