@@ -236,9 +236,7 @@ def train(sd: pipeline.StableDiffusion, base: dict, config: DreamBoothConfig, in
     loss_fn = functools.partial(db.loss, sd=sd, token_id=token_id, prior_weight=config.prior_weight)
     timings, start = {}, time.perf_counter()
     first, fixed_key = next_batch(), jax.random.key(1)
-    step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer), donate_argnums=(0,))
-    step = step.lower(state, frozen, first).compile()
-    evaluate = jax.jit(loss_fn).lower(state.params, frozen, first, fixed_key).compile()
+    step, evaluate = steps.compile_single_device(loss_fn, optimizer, state, frozen, first, first, fixed_key)
     timings["compile"] = time.perf_counter() - start
 
     start = time.perf_counter()

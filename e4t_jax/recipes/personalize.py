@@ -111,10 +111,8 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None =
     timings, start = {}, time.perf_counter()
     first = next_batch()
     loss_fn = functools.partial(model_lib.loss, model=e.model)
-    step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer), donate_argnums=(0,))
-    step = step.lower(state, frozen, first).compile()
     fixed_key = jax.random.PRNGKey(1)
-    evaluate = jax.jit(loss_fn).lower(state.params, frozen, first, fixed_key).compile()
+    step, evaluate = steps.compile_single_device(loss_fn, optimizer, state, frozen, first, first, fixed_key)
     timings["compile"] = time.perf_counter() - start
 
     start = time.perf_counter()

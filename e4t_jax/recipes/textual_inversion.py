@@ -86,11 +86,8 @@ def learn(sd: pipeline.StableDiffusion, params: dict, token_id: int, word_id: in
     state = steps.TrainState.create(ti.init_params(params["text"], word_id), optimizer, jax.random.key(train.seed))
     loss_fn = functools.partial(ti.loss, sd=sd, token_id=token_id)
     timings, start = {}, time.perf_counter()
-    batch = next_batch(0)
-    step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer), donate_argnums=(0,))
-    step = step.lower(state, params, batch).compile()
-    key = jax.random.key(1)
-    evaluate = jax.jit(loss_fn).lower(state.params, params, fixed, key).compile()
+    batch, key = next_batch(0), jax.random.key(1)
+    step, evaluate = steps.compile_single_device(loss_fn, optimizer, state, params, batch, fixed, key)
     timings["compile"] = time.perf_counter() - start
 
     start = time.perf_counter()

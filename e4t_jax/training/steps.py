@@ -20,6 +20,7 @@ averages over examples and draws its randomness per example (as E4T's does, from
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -138,3 +139,17 @@ def train_step(state: TrainState, frozen: PyTree, batch: dict, *, loss_fn: Calla
     ema = None if state.ema is None else optax.incremental_update(params, state.ema, 1 - state.ema_decay)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+def compile_single_device(loss_fn: Callable, optimizer: optax.GradientTransformation, state: TrainState,
+                          frozen: PyTree, batch: dict, eval_batch: dict, eval_key: jax.Array) -> tuple[Callable, Callable]:
+    """Ahead-of-time compiles a short single-device run (personalization, the baselines).
+
+    Returns:
+      ``step(state, frozen, batch) -> (state, metrics)``: :func:`train_step`, the state
+      donated; and ``evaluate(params, frozen, eval_batch, eval_key) -> (loss, metrics)``:
+      ``loss_fn`` on a fixed batch and noise (the before/after measure of a run).
+    """
+    step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer), donate_argnums=(0,))
+    return (step.lower(state, frozen, batch).compile(),
+            jax.jit(loss_fn).lower(state.params, frozen, eval_batch, eval_key).compile())
