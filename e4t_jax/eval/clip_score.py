@@ -98,9 +98,8 @@ class ClipScorer:
             :func:`e4t_jax.models.clip.preprocess_images` at the tower's ``image_size``.
         """
         size = self.vision_module.config.image_size
-        embeds = [self._image(self.vision_params, clip.preprocess_images(image[None], size))
-                  for image in _image_list(images)]
-        return np.asarray(jnp.concatenate(embeds), np.float32)
+        pixels = jnp.concatenate([clip.preprocess_images(image[None], size) for image in _image_list(images)])
+        return np.asarray(self._image(self.vision_params, pixels), np.float32)  # one tower call for all
 
     def text_embeds(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Prompts -> float32 ``[B, projection_dim]`` (not normalized), as ``get_text_features``.
