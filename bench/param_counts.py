@@ -21,19 +21,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from e4t_jax import presets  # noqa: E402
 from e4t_jax.e4t import offsets as offsets_lib  # noqa: E402
 from e4t_jax.e4t.encoder import EncoderConfig, EncoderHead  # noqa: E402
 from e4t_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer  # noqa: E402
 from e4t_jax.models.unet import UNetConfig, unet_abstract_params  # noqa: E402
 
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2, "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
-VIT_H14 = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                           image_size=224, patch_size=14, hidden_act="gelu", projection_dim=1024)
+SD15_UNET = presets.full_size_configs()["unet"]
+VIT_H14 = CLIPVisionConfig.from_dict(presets.full_size_configs()["image_encoder"])
 QKV = offsets_lib.SELF_ATTENTION_QKV + offsets_lib.CROSS_ATTENTION_QKV
 OFFSET_CHOICES = {
     "lowrank r4, q/k/v (default)": offsets_lib.OffsetConfig(),

@@ -7,7 +7,9 @@ run on the same inputs. ``fwd`` is a forward pass; ``fwd+bwd`` is the loss
 ``mean(output ** 2)`` and its gradient with respect to every U-Net parameter. Each
 framework runs in ``--processes`` fresh processes (alternating), each reporting the
 median of ``--repeats`` timed calls after warm-up; the table shows the median over
-processes. ``torch/jax`` above 1 means ours is faster. XLA flags come from the
+processes. ``jax/torch`` below 1 means ours is faster. The FLOP count is XLA's cost
+analysis of our compiled program; GFLOP/s divides it by our median time, against the
+float32 peak :data:`PEAK_GFLOPS` of the 2-core CPU the results were measured on. XLA flags come from the
 ``XLA_FLAGS`` environment variable, as usual.
 """
 from __future__ import annotations
@@ -37,6 +39,9 @@ CONFIGS = {
         batch=2, latent=32, tokens=77),
 }
 PASSES = ("fwd", "fwd+bwd")
+# float32 peak of the 2-core CPU measured here (AMD EPYC, AVX-512 on two 256-bit FMA pipes):
+# 2 cores x ~2.6 GHz x 32 FLOP per cycle.
+PEAK_GFLOPS = 166.0
 
 
 def make_models(folder: Path, names: list[str]) -> None:
@@ -77,8 +82,11 @@ def time_jax(folder: Path, name: str, repeats: int) -> dict:
     forward = jax.jit(apply)
     loss_and_grad = jax.jit(jax.value_and_grad(lambda p, *a: jnp.mean(apply(p, *a) ** 2)))
     np.save(folder / f"{name}_jax.npy", np.asarray(forward(params, *args)).transpose(0, 3, 1, 2))
+    flops = {step: fn.lower(params, *args).compile().cost_analysis()["flops"]
+             for step, fn in (("fwd", forward), ("fwd+bwd", loss_and_grad))}
     return {f"{name}/fwd": median_ms(lambda: forward(params, *args).block_until_ready(), repeats=repeats),
-            f"{name}/fwd+bwd": median_ms(lambda: jax.block_until_ready(loss_and_grad(params, *args)), repeats=repeats)}
+            f"{name}/fwd+bwd": median_ms(lambda: jax.block_until_ready(loss_and_grad(params, *args)), repeats=repeats),
+            **{f"{name}/{step}/gflop": value / 1e9 for step, value in flops.items()}}
 
 
 def time_torch(folder: Path, name: str, repeats: int) -> dict:
@@ -148,13 +156,17 @@ def main() -> None:
                 diff = np.abs(np.load(folder / f"{name}_jax.npy") - np.load(folder / f"{name}_torch.npy")).max()
                 print(f"  {name}: max |jax - torch| of the forward output {diff:.2e}")
         medians = {fw: median_of(runs[fw]) for fw in frameworks}
-        print("\n| config | pass | jax ms | torch ms | torch/jax |\n|---|---|---|---|---|")
+        print(f"\n| config | pass | jax ms | torch ms | jax/torch | jax GFLOP (XLA cost analysis) | jax GFLOP/s "
+              f"| of {PEAK_GFLOPS:.0f} GFLOP/s peak |\n|---|---|---|---|---|---|---|---|")
         for name in names:
             for step in PASSES:
                 key = f"{name}/{step}"
                 jax_ms = medians.get("jax", {}).get(key, float("nan"))
                 torch_ms = medians.get("torch", {}).get(key, float("nan"))
-                print(f"| {name} | {step} | {jax_ms:.0f} | {torch_ms:.0f} | {torch_ms / jax_ms:.2f} |")
+                gflop = medians.get("jax", {}).get(f"{key}/gflop", float("nan"))
+                rate = gflop / (jax_ms / 1e3)
+                print(f"| {name} | {step} | {jax_ms:.0f} | {torch_ms:.0f} | {jax_ms / torch_ms:.2f} | {gflop:.1f} "
+                      f"| {rate:.1f} | {rate / PEAK_GFLOPS:.0%} |")
 
 
 if __name__ == "__main__":

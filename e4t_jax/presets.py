@@ -97,6 +97,33 @@ def _medium() -> dict[str, dict]:
 # Preset name -> the diffusers/transformers ``config.json`` of every component.
 PRESETS = {"tiny": _tiny, "medium": _medium}
 
+
+def full_size_configs() -> dict[str, dict]:
+    """The component configs of the paper's model, for shapes only (no preset writes them).
+
+    Stable Diffusion 1.5 (U-Net channels 320-1280, 64x64 latents of 512 px images, the
+    CLIP ViT-L/14 text encoder) with OpenCLIP ViT-H/14 as E4T's vision tower, as
+    ``runwayml/stable-diffusion-v1-5`` and ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``
+    configure them. ``bench/memory.py`` compiles E4T's steps for these shapes from
+    ``jax.eval_shape`` params, without weights. The tokenizer is the tiny one (only its
+    77-token length matters for shapes).
+    """
+    configs = _tiny()
+    configs["unet"].update(
+        sample_size=64, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8,
+        cross_attention_dim=768, norm_num_groups=32,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+    configs["vae"].update(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
+                          sample_size=512)
+    configs["text_encoder"].update(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                   num_attention_heads=12, vocab_size=49408, projection_dim=768,
+                                   bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    configs["image_encoder"].update(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                    num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
+                                    projection_dim=1024)
+    return configs
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Trained preset name -> its shipped folder: ``model/`` (diffusers format) and the domain
 # encoder as ``encoder.safetensors`` + ``encoder.json``.

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=cli.SEED, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of the frozen model, and the dtype its weights are stored in (bfloat16 halves them)")
+    p.add_argument("--grad-accum", type=cli.POSITIVE, default=1,
+                   help="micro-batches per step (--batch-size must be a multiple): the same update, less memory")
+    p.add_argument("--remat", action="store_true", help="recompute U-Net blocks in the backward pass (less memory)")
     p.add_argument("--cache-dir", type=Path, default=None, help="persistent compilation cache folder")
     p.add_argument("--out", type=Path, required=True,
                    help="concept file to write (.safetensors); the preview goes beside it (NAME.preview.png)")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                      lr=args.lr, seed=args.seed, tune_encoder=args.tune_encoder, save_encoder=args.save_encoder,
                      mask_path=args.mask, placeholder=args.placeholder, vision_source=args.clip_vision,
                      preview_prompts=args.preview_prompt, preview_steps=args.preview_steps, dtype=args.dtype,
-                     variant=args.variant, force=args.force)
+                     variant=args.variant, grad_accum=args.grad_accum, remat=args.remat, force=args.force)
     return 0
 
 

@@ -6,6 +6,7 @@
   bit-identical after training and has no optimizer state;
 * training steps lower the loss on real photos (a tuning batch and a pre-training batch);
 * U-Net remat changes neither loss nor gradients and lowers the compiled memory;
+* micro-batches accumulated in the step give the whole batch's gradient;
 * a bfloat16 step stores the frozen weights in half the bytes, keeps float32 trainables
   and a loss close to float32's.
 
@@ -286,6 +287,19 @@ def test_remat_gives_the_same_loss_and_gradients_in_less_memory(tiny_model_dir, 
     plain_bytes = grad_fn.memory_analysis().temp_size_in_bytes
     remat_bytes = remat_fn.memory_analysis().temp_size_in_bytes
     assert remat_bytes < 0.9 * plain_bytes, (remat_bytes, plain_bytes)
+
+
+def test_micro_batches_give_the_whole_batch_gradient(e4t, frozen, batches, grad_fn):
+    """E4T's loss over 2 micro-batches of 1, accumulated in the step, is the 2-image batch's."""
+    loss = functools.partial(model_lib.loss, model=e4t.model)
+    args = (e4t.params, frozen, batches["tune"], EVAL_KEYS[0])
+    accumulated = compile_fn(lambda *a: steps._gradients(loss, *a, grad_accum=2), *args)
+    (grads, metrics), (micro_grads, micro_metrics) = grad_fn(*args), accumulated(*args)
+    np.testing.assert_allclose(float(micro_metrics["loss"]), float(metrics["loss"]), rtol=1e-6)
+    micro_grads = dict(jax.tree_util.tree_leaves_with_path(micro_grads))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        np.testing.assert_allclose(micro_grads[path], g, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert accumulated.memory_analysis().temp_size_in_bytes < grad_fn.memory_analysis().temp_size_in_bytes
 
 
 def _frozen_bytes(frozen) -> dict[str, int]:

@@ -174,9 +174,11 @@ def _concept_for_another_model(concept_file: Path, folder: Path) -> Path:
     return foreign
 
 
-def _personalize_exit_code(inputs, out: Path, *, image: Path | None = None, encoder: Path | None = None) -> int:
+def _personalize_exit_code(inputs, out: Path, *, image: Path | None = None, encoder: Path | None = None,
+                           extra: tuple[str, ...] = ()) -> int:
     return personalize.main(["--model", "tiny", "--encoder", str(encoder or inputs.encoder),
-                             "--image", str(image or inputs.photo), *TUNING, "--out", str(out / "c.safetensors")])
+                             "--image", str(image or inputs.photo), *TUNING, *extra,
+                             "--out", str(out / "c.safetensors")])
 
 
 def _generate_exit_code(concept: Path, out: Path, prompt: str = "a photo of S*") -> int:
@@ -200,6 +202,8 @@ BAD_INPUTS = {
         inputs, out, encoder=_encoder_for_another_model(inputs, folder)),
     "concept for another model": lambda inputs, folder, out, concept: _generate_exit_code(
         _concept_for_another_model(concept, folder), out),
+    "batch not a multiple of --grad-accum": lambda inputs, folder, out, concept: _personalize_exit_code(
+        inputs, out, extra=("--grad-accum", "3")),
     "prompt without S*": lambda inputs, folder, out, concept: _generate_exit_code(concept, out, "a photo of a cat"),
 }
 

@@ -53,6 +53,20 @@ def test_accumulated_micro_batches_equal_one_big_batch(optimizer):
     np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=1e-6)
 
 
+def test_evaluate_is_the_first_steps_loss_and_keeps_the_state():
+    optimizer = optax.sgd(0.1)
+    state = steps.TrainState.create(_params(), optimizer, jax.random.key(0))
+    step, evaluate = steps.compile_single_device(toy_loss, optimizer, state, None, _batch(), grad_accum=2)
+    before = float(evaluate(state, None, _batch())["loss"])
+    trained, metrics = step(jax.tree.map(jnp.copy, state), None, _batch())
+    assert before == float(metrics["loss"])  # the same program, batch and noise
+    np.testing.assert_array_equal(state.params["w"], _params()["w"])  # evaluate did not consume or change it
+    after = float(evaluate(trained, None, _batch())["loss"])
+    assert after < before and int(trained.step) == 1
+    expected, _ = toy_loss(trained.params, None, _batch(), jax.random.fold_in(trained.rng, 0))
+    np.testing.assert_allclose(after, float(expected), rtol=1e-6)  # step 0's noise, the trained params
+
+
 def test_micro_batches_are_strided_rows():
     micro = steps.micro_batches({"index": np.arange(6)}, 3)["index"]
     np.testing.assert_array_equal(micro, [[0, 3], [1, 4], [2, 5]])

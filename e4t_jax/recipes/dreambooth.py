@@ -235,18 +235,19 @@ def train(sd: pipeline.StableDiffusion, base: dict, config: DreamBoothConfig, in
 
     loss_fn = functools.partial(db.loss, sd=sd, token_id=token_id, prior_weight=config.prior_weight)
     timings, start = {}, time.perf_counter()
-    first, fixed_key = next_batch(), jax.random.key(1)
-    step, evaluate = steps.compile_single_device(loss_fn, optimizer, state, frozen, first, first, fixed_key)
+    first = next_batch()
+    step, evaluate = steps.compile_single_device(loss_fn, optimizer, state, frozen, first)
     timings["compile"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    loss_before = float(evaluate(state.params, frozen, first, fixed_key)[1]["instance_loss"])
     batch, bar = first, tqdm(range(config.steps), desc="dreambooth", unit="step", disable=not progress)
     for i in bar:
         state, metrics = step(state, frozen, batch)
         batch = next_batch() if i + 1 < config.steps else None  # augment on the host while the step runs
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-    loss_after = float(evaluate(state.params, frozen, first, fixed_key)[1]["instance_loss"])
+        if i == 0:  # the first batch with the noise of step 0: what ``evaluate`` measures after
+            loss_before = float(metrics["instance_loss"])
+    loss_after = float(evaluate(state, frozen, first)["instance_loss"])
     timings["train"] = time.perf_counter() - start
     if not np.isfinite(loss_after):
         raise UserError("the training loss became NaN/inf; lower --lr")

@@ -23,7 +23,7 @@ import numpy as np
 from e4t_jax import files, pipeline
 from e4t_jax.e4t import concept as concept_lib
 from e4t_jax.e4t import model as model_lib
-from e4t_jax.e4t.pretrained import default_encoder, encoder_fingerprint, encoder_folder, load_pretrained
+from e4t_jax.e4t.pretrained import default_encoder, encoder_fingerprint, encoder_folder, load_pretrained, read_config
 from e4t_jax.errors import UserError
 from e4t_jax.eval import faces
 from e4t_jax.training import data, steps
@@ -71,7 +71,8 @@ def default_train(e: model_lib.E4T, steps_count: int | None = None, batch_size: 
 
 
 def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None = None, *,
-                tune_encoder: bool = True, mask: np.ndarray | None = None, progress: bool = True) -> Personalized:
+                tune_encoder: bool = True, mask: np.ndarray | None = None, grad_accum: int = 1,
+                progress: bool = True) -> Personalized:
     """Tunes ``e`` on one image.
 
     Augmentation (crops, flips) and prompt templates are the encoder's recorded ones
@@ -84,14 +85,19 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None =
         :func:`default_train`.
       tune_encoder: tune the head too, or the weight offsets only.
       mask: optional uint8 ``[H, W, 3]`` loss mask (white = the concept).
+      grad_accum: run each step's batch as this many micro-batches, one after the
+        other (the same update, the activations of one micro-batch).
       progress: show a progress bar.
 
     Raises:
-      UserError: the loss became NaN or infinite.
+      UserError: the loss became NaN or infinite, or the batch size is not a multiple
+        of ``grad_accum``.
     """
     from tqdm.auto import tqdm
 
     train = train or default_train(e)
+    if grad_accum < 1 or train.batch_size % grad_accum:
+        raise UserError(f"the batch of {train.batch_size} copies is not a multiple of --grad-accum {grad_accum}")
     size, rng = e.sd.image_size, np.random.default_rng(train.seed)
     config, recorded = e.config.model, e.config.personalize
     templates = (data.load_templates(recorded.templates) if recorded.templates
@@ -111,19 +117,19 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None =
     timings, start = {}, time.perf_counter()
     first = next_batch()
     loss_fn = functools.partial(model_lib.loss, model=e.model)
-    fixed_key = jax.random.PRNGKey(1)
-    step, evaluate = steps.compile_single_device(loss_fn, optimizer, state, frozen, first, first, fixed_key)
+    step, evaluate = steps.compile_single_device(loss_fn, optimizer, state, frozen, first, grad_accum=grad_accum)
     timings["compile"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    loss_before = float(evaluate(state.params, frozen, first, fixed_key)[0])
     bar = tqdm(range(train.steps), desc="personalizing", unit="step", disable=not progress)
     batch = first
     for i in bar:
         state, metrics = step(state, frozen, batch)
         batch = next_batch() if i + 1 < train.steps else None  # augment on the host while the step runs
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-    loss_after = float(evaluate(state.params, frozen, first, fixed_key)[0])
+        if i == 0:  # the first batch with the noise of step 0: what ``evaluate`` measures after
+            loss_before = float(metrics["loss"])
+    loss_after = float(evaluate(state, frozen, first)["loss"])
     timings["tune"] = time.perf_counter() - start
     if not np.isfinite(loss_after):
         raise UserError("the tuning loss became NaN/inf; lower --lr")
@@ -186,7 +192,8 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
                      tune_encoder: bool = True, save_encoder: bool = False, mask_path: str | os.PathLike | None = None,
                      placeholder: str | None = None, vision_source: str | None = None,
                      preview_prompts: Sequence[str] | None = None, preview_steps: int | None = None,
-                     dtype: str = "float32", variant: str | None = None, force: bool = False) -> dict[str, float]:
+                     dtype: str = "float32", variant: str | None = None, grad_accum: int = 1, remat: bool = False,
+                     force: bool = False) -> dict[str, float]:
     """Image file -> concept file (+ a preview grid, :func:`preview_path`), logging progress.
 
     Args:
@@ -199,6 +206,8 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
       out: the concept file to write (``.safetensors``).
       preview_prompts: templates with ``{}`` for the placeholder (None: :data:`DEFAULT_PREVIEW`;
         empty: no preview); ``preview_steps``: their denoising steps (None: :func:`preview`'s).
+      grad_accum, remat: less memory for the same update: micro-batches per step
+        (:func:`personalize`), and U-Net blocks recomputed in the backward pass.
       force: replace an existing concept file and preview (never an input).
       Others: as :func:`personalize` and :func:`e4t_jax.e4t.pretrained.load_pretrained`.
 
@@ -218,6 +227,10 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
     encoder = encoder_folder(encoder) if encoder is not None else default_encoder(model)
     if encoder is None:
         raise UserError(f"--model {model} has no shipped encoder: pass --encoder (a run folder of e4t-pretrain)")
+    copies = batch_size or read_config(encoder)[0].personalize.batch_size
+    if grad_accum < 1 or copies % grad_accum:
+        raise UserError(f"the batch of {copies} copies is not a multiple of --grad-accum {grad_accum}; "
+                        "pass a --batch-size that is")
     try:
         image = data.read_image(image_path)
         mask = data.read_image(mask_path) if mask_path is not None and not auto_mask else None
@@ -231,7 +244,7 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
                         f"{image.shape[1]}x{image.shape[0]}: a mask must have its image's size")
     timings, start = {}, time.perf_counter()
     e = load_pretrained(model, encoder, vision_source=vision_source, placeholder=placeholder, dtype=jnp.dtype(dtype),
-                        variant=variant)
+                        remat=remat, variant=variant)
     token = e.config.model.placeholder
     previews = [p.format(token) for p in templates]
     try:
@@ -244,7 +257,7 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
 
     train = default_train(e, steps_count, batch_size, lr, seed)
     log.info("tuning %d steps x %d copies at lr %g", train.steps, train.batch_size, train.optimizer.lr)
-    result = personalize(e, image, train, tune_encoder=tune_encoder, mask=mask)
+    result = personalize(e, image, train, tune_encoder=tune_encoder, mask=mask, grad_accum=grad_accum)
     timings.update(result.timings)
     log.info("tuning loss on a fixed batch and noise: %.5f -> %.5f", result.loss_before, result.loss_after)
     save(out, e, result, save_encoder=save_encoder, run={"image": Path(image_path).name})

@@ -142,14 +142,28 @@ def train_step(state: TrainState, frozen: PyTree, batch: dict, *, loss_fn: Calla
 
 
 def compile_single_device(loss_fn: Callable, optimizer: optax.GradientTransformation, state: TrainState,
-                          frozen: PyTree, batch: dict, eval_batch: dict, eval_key: jax.Array) -> tuple[Callable, Callable]:
-    """Ahead-of-time compiles a short single-device run (personalization, the baselines).
+                          frozen: PyTree, batch: dict, grad_accum: int = 1) -> tuple[Callable, Callable]:
+    """Ahead-of-time compiles a short single-device run (personalization, DreamBooth).
+
+    Args:
+      loss_fn, optimizer, grad_accum: as :func:`train_step` (``batch``'s leaves' first
+        dimension must be a multiple of ``grad_accum``).
+      state, frozen, batch: examples of the step's arguments (shapes and dtypes).
 
     Returns:
       ``step(state, frozen, batch) -> (state, metrics)``: :func:`train_step`, the state
-      donated; and ``evaluate(params, frozen, eval_batch, eval_key) -> (loss, metrics)``:
-      ``loss_fn`` on a fixed batch and noise (the before/after measure of a run).
+      donated; and ``evaluate(state, frozen, batch) -> metrics``: ``loss_fn``'s metrics at
+      ``state.params`` with the noise of step 0 (``fold_in(state.rng, 0)``), which is what
+      the first step reports for its batch, so a run's loss before and after on a fixed
+      batch and noise costs one compile. ``evaluate`` runs the step on a copy of the state
+      and drops the update: a forward-only loss would be a second program of the whole
+      model to compile (a third of a personalization's compile time).
     """
-    step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer), donate_argnums=(0,))
-    return (step.lower(state, frozen, batch).compile(),
-            jax.jit(loss_fn).lower(state.params, frozen, eval_batch, eval_key).compile())
+    step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, grad_accum=grad_accum),
+                   donate_argnums=(0,)).lower(state, frozen, batch).compile()
+
+    def evaluate(state: TrainState, frozen: PyTree, batch: dict) -> dict:
+        probe = jax.tree.map(jnp.copy, state.replace(step=jnp.zeros_like(state.step)))
+        return step(probe, frozen, batch)[1]
+
+    return step, evaluate
