@@ -18,7 +18,7 @@ model donated nothing). ``--rows``:
 * ``full``: the personalization step at an effective batch of 16 (float32 or bfloat16
   frozen storage, U-Net block remat on or off, 1, 4 or 16 micro-batches accumulated in
   the step, attention by ``recompute`` or plain ``einsum``); the pre-training step at a
-  per-device batch of 1, 4, 8 (and larger, to find what fits in 15 and 80 GiB);
+  per-device batch of 1, 4, 8 and 10 to 64 (what fits in 15 and 80 GiB);
 * ``stages``: pre-training (``--batch-size``), personalization (batch 16) and generation
   (1 image, 25 steps) in float32 and bfloat16.
 
@@ -73,7 +73,7 @@ def full_rows() -> list[Row]:
     return [tune("bfloat16", True, 16), tune("float32", False, 1), tune("bfloat16", False, 1),
             tune("bfloat16", True, 1), tune("bfloat16", True, 4), tune("float32", True, 16),
             tune("bfloat16", False, 16), tune("bfloat16", True, 16, "einsum"),
-            pre(1, "float32", False), pre(1), pre(4), pre(8), pre(16), pre(32)]
+            pre(1, "float32", False), pre(1), pre(4), pre(8), pre(10), pre(16), pre(32), pre(64)]
 
 
 def stage_rows(batch: int) -> list[Row]:

@@ -8,9 +8,10 @@ run on the same inputs. ``fwd`` is a forward pass; ``fwd+bwd`` is the loss
 framework runs in ``--processes`` fresh processes (alternating), each reporting the
 median of ``--repeats`` timed calls after warm-up; the table shows the median over
 processes. ``jax/torch`` below 1 means ours is faster. The FLOP count is XLA's cost
-analysis of our compiled program; GFLOP/s divides it by our median time, against the
-float32 peak :data:`PEAK_GFLOPS` of the 2-core CPU the results were measured on. XLA flags come from the
-``XLA_FLAGS`` environment variable, as usual.
+analysis of our lowered program with loop-free attention (:func:`model_flops`); GFLOP/s
+divides it by our median time, against the float32 peak :data:`PEAK_GFLOPS` of the
+2-core CPU the results were measured on. XLA flags come from the ``XLA_FLAGS``
+environment variable, as usual.
 """
 from __future__ import annotations
 
@@ -82,11 +83,29 @@ def time_jax(folder: Path, name: str, repeats: int) -> dict:
     forward = jax.jit(apply)
     loss_and_grad = jax.jit(jax.value_and_grad(lambda p, *a: jnp.mean(apply(p, *a) ** 2)))
     np.save(folder / f"{name}_jax.npy", np.asarray(forward(params, *args)).transpose(0, 3, 1, 2))
-    flops = {step: fn.lower(params, *args).compile().cost_analysis()["flops"]
-             for step, fn in (("fwd", forward), ("fwd+bwd", loss_and_grad))}
+    flops = model_flops(apply, params, args)
     return {f"{name}/fwd": median_ms(lambda: forward(params, *args).block_until_ready(), repeats=repeats),
             f"{name}/fwd+bwd": median_ms(lambda: jax.block_until_ready(loss_and_grad(params, *args)), repeats=repeats),
             **{f"{name}/{step}/gflop": value / 1e9 for step, value in flops.items()}}
+
+
+def model_flops(apply, params, args) -> dict[str, float]:
+    """XLA's FLOP count of the forward and forward + backward, with plain einsum attention.
+
+    The cost analysis counts a loop's body once, so it is taken with the loop-free
+    attention (the model's FLOPs; the recompute kernel's extra work is not counted).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from e4t_jax.models import attention
+
+    default, attention.RECOMPUTE_MIN_SCORES = attention.RECOMPUTE_MIN_SCORES, 1 << 62
+    try:
+        programs = {"fwd": apply, "fwd+bwd": jax.value_and_grad(lambda p, *a: jnp.mean(apply(p, *a) ** 2))}
+        return {step: jax.jit(fn).lower(params, *args).cost_analysis()["flops"] for step, fn in programs.items()}
+    finally:
+        attention.RECOMPUTE_MIN_SCORES = default
 
 
 def time_torch(folder: Path, name: str, repeats: int) -> dict:
