@@ -8,6 +8,7 @@ process starts: :func:`ensure_hugepages` re-executes the script with it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -20,6 +21,19 @@ from typing import Any, Callable
 import numpy as np
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
+
+
+@contextlib.contextmanager
+def einsum_attention_only():
+    """Within it, programs traced use plain einsum attention, never the recompute kernel
+    (``e4t_jax.models.attention.RECOMPUTE_MIN_SCORES`` is read at trace time)."""
+    from e4t_jax.models import attention
+
+    default, attention.RECOMPUTE_MIN_SCORES = attention.RECOMPUTE_MIN_SCORES, 1 << 62
+    try:
+        yield
+    finally:
+        attention.RECOMPUTE_MIN_SCORES = default
 
 
 def ensure_hugepages() -> None:

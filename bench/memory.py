@@ -33,6 +33,7 @@ minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -42,6 +43,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import einsum_attention_only  # noqa: E402
 
 GIB = 2**30
 # XLA:CPU's default scheduler favours concurrency and mostly cancels what remat saves;
@@ -142,17 +145,19 @@ def abstract_e4t(configs: dict[str, dict], dtype, remat: bool):
 
 def compile_row(configs: dict[str, dict], row: Row, steps: int = 25):
     """The compiled program of ``row``."""
+    with einsum_attention_only() if row.attention == "einsum" else contextlib.nullcontext():
+        return _compile_row(configs, row, steps)
+
+
+def _compile_row(configs: dict[str, dict], row: Row, steps: int):
     import jax
     import jax.numpy as jnp
 
     from e4t_jax import pipeline
     from e4t_jax.e4t import model as model_lib
-    from e4t_jax.models import attention
     from e4t_jax.training import steps as steps_lib
     from e4t_jax.training.config import OptimizerConfig
 
-    # The einsum variant: attention never takes the recompute kernel (read at trace time).
-    attention.RECOMPUTE_MIN_SCORES = 1 << 62 if row.attention == "einsum" else 1 << 14
     model, frozen, params, tokenizer = abstract_e4t(configs, jnp.dtype(row.dtype), row.remat)
     if row.stage == "generation":
         return pipeline.Generator(model.sd).compile(frozen.base, tokenizer.encode(["a photo of a face"]),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cores, ensure_hugepages, median_ms, median_of, run_child  # noqa: E402
+from bench.common import cores, einsum_attention_only, ensure_hugepages, median_ms, median_of, run_child  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(
@@ -80,32 +80,25 @@ def time_jax(folder: Path, name: str, repeats: int) -> dict:
     def apply(p, *a):
         return model.apply({"params": p}, *a)
 
-    forward = jax.jit(apply)
-    loss_and_grad = jax.jit(jax.value_and_grad(lambda p, *a: jnp.mean(apply(p, *a) ** 2)))
+    programs = {"fwd": apply, "fwd+bwd": jax.value_and_grad(lambda p, *a: jnp.mean(apply(p, *a) ** 2))}
+    forward, loss_and_grad = jax.jit(programs["fwd"]), jax.jit(programs["fwd+bwd"])
     np.save(folder / f"{name}_jax.npy", np.asarray(forward(params, *args)).transpose(0, 3, 1, 2))
-    flops = model_flops(apply, params, args)
+    flops = model_flops(programs, params, args)
     return {f"{name}/fwd": median_ms(lambda: forward(params, *args).block_until_ready(), repeats=repeats),
             f"{name}/fwd+bwd": median_ms(lambda: jax.block_until_ready(loss_and_grad(params, *args)), repeats=repeats),
             **{f"{name}/{step}/gflop": value / 1e9 for step, value in flops.items()}}
 
 
-def model_flops(apply, params, args) -> dict[str, float]:
-    """XLA's FLOP count of the forward and forward + backward, with plain einsum attention.
+def model_flops(programs: dict, params, args) -> dict[str, float]:
+    """XLA's FLOP count of each ``{pass: function}``, traced with plain einsum attention.
 
     The cost analysis counts a loop's body once, so it is taken with the loop-free
     attention (the model's FLOPs; the recompute kernel's extra work is not counted).
     """
     import jax
-    import jax.numpy as jnp
 
-    from e4t_jax.models import attention
-
-    default, attention.RECOMPUTE_MIN_SCORES = attention.RECOMPUTE_MIN_SCORES, 1 << 62
-    try:
-        programs = {"fwd": apply, "fwd+bwd": jax.value_and_grad(lambda p, *a: jnp.mean(apply(p, *a) ** 2))}
+    with einsum_attention_only():
         return {step: jax.jit(fn).lower(params, *args).cost_analysis()["flops"] for step, fn in programs.items()}
-    finally:
-        attention.RECOMPUTE_MIN_SCORES = default
 
 
 def time_torch(folder: Path, name: str, repeats: int) -> dict:

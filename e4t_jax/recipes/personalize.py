@@ -70,6 +70,13 @@ def default_train(e: model_lib.E4T, steps_count: int | None = None, batch_size: 
                        seed=seed, optimizer=OptimizerConfig(lr=lr or recorded.lr))
 
 
+def check_grad_accum(copies: int, grad_accum: int) -> None:
+    """A :class:`UserError` unless a batch of ``copies`` splits into ``grad_accum`` micro-batches."""
+    if grad_accum < 1 or copies % grad_accum:
+        raise UserError(f"the batch of {copies} copies is not a multiple of --grad-accum {grad_accum}; "
+                        "pass a --batch-size that is")
+
+
 def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None = None, *,
                 tune_encoder: bool = True, mask: np.ndarray | None = None, grad_accum: int = 1,
                 progress: bool = True) -> Personalized:
@@ -96,8 +103,7 @@ def personalize(e: model_lib.E4T, image: np.ndarray, train: TrainConfig | None =
     from tqdm.auto import tqdm
 
     train = train or default_train(e)
-    if grad_accum < 1 or train.batch_size % grad_accum:
-        raise UserError(f"the batch of {train.batch_size} copies is not a multiple of --grad-accum {grad_accum}")
+    check_grad_accum(train.batch_size, grad_accum)
     size, rng = e.sd.image_size, np.random.default_rng(train.seed)
     config, recorded = e.config.model, e.config.personalize
     templates = (data.load_templates(recorded.templates) if recorded.templates
@@ -227,10 +233,7 @@ def personalize_file(model: str, encoder: str | os.PathLike | None, image_path: 
     encoder = encoder_folder(encoder) if encoder is not None else default_encoder(model)
     if encoder is None:
         raise UserError(f"--model {model} has no shipped encoder: pass --encoder (a run folder of e4t-pretrain)")
-    copies = batch_size or read_config(encoder)[0].personalize.batch_size
-    if grad_accum < 1 or copies % grad_accum:
-        raise UserError(f"the batch of {copies} copies is not a multiple of --grad-accum {grad_accum}; "
-                        "pass a --batch-size that is")
+    check_grad_accum(batch_size or read_config(encoder)[0].personalize.batch_size, grad_accum)
     try:
         image = data.read_image(image_path)
         mask = data.read_image(mask_path) if mask_path is not None and not auto_mask else None
